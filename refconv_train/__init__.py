@@ -1,0 +1,30 @@
+"""refconv-train: RefConv (re-parameterized refocusing convolution) for pretrained ConvNets.
+
+Public API::
+
+    model = build_model("mobilenetv2_100", num_classes=1000, pretrained=True)
+    report = refocus_model(model, map_k=3, init="xavier")   # W_b frozen, W_r learnable
+    ...train...
+    fuse_model(model)                                         # back to the original architecture
+"""
+
+from .errors import RefconvError
+from .models import build_model, read_state_dict
+from .refocus import (
+    Refocus,
+    RefocusReport,
+    fuse_model,
+    fuse_state_dict,
+    refocus_model,
+    refocus_parameters,
+    refocus_transform,
+    refocused_convs,
+)
+from .verify import max_output_diff, randomize_bn_stats
+
+__all__ = [
+    "RefconvError", "build_model", "read_state_dict", "Refocus", "RefocusReport", "fuse_model", "fuse_state_dict",
+    "refocus_model", "refocus_parameters", "refocus_transform", "refocused_convs", "max_output_diff",
+    "randomize_bn_stats",
+]
+__version__ = "0.1.0"
