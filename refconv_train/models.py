@@ -139,9 +139,10 @@ def load_pretrained_file(model: nn.Module, path: str | os.PathLike) -> None:
     load_state_dict_checked(model, read_state_dict(path), source=str(path))
 
 
-def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load that names the first mismatching keys. Only the classifier may differ in shape: it is then
-    left at its fresh init (fine-tuning to another number of classes), with a warning."""
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+                            allow_new_classifier: bool = True) -> None:
+    """Strict load that names the first mismatching keys. Only the classifier may differ in shape (when
+    ``allow_new_classifier``): it keeps its fresh init (fine-tuning to another class count), with a warning."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -150,7 +151,7 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
                            f"{_few(unexpected)}; check model.name (and that the file is for this architecture)")
     wrong_shape = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
     head = classifier_prefixes(model)
-    not_head = [k for k in wrong_shape if not any(k.startswith(p + ".") for p in head)]
+    not_head = [k for k in wrong_shape if not (allow_new_classifier and any(k.startswith(p + ".") for p in head))]
     if not_head:
         k = not_head[0]
         raise RefconvError(f"weights '{source}' do not fit the model: {k} has shape {tuple(state[k].shape)}, the "

@@ -303,6 +303,10 @@ def fuse_model(model: nn.Module) -> list[str]:
     names = []
     for name, conv in refocused_convs(model).items():
         requires_grad = any(p.requires_grad for p in conv.parametrizations.weight.parameters())
+        # Deep copies (EMA, verification) share parametrize's generated class with the original, and removal
+        # deletes the `weight` property from that class: give this module a private copy of it first.
+        cls = type(conv)
+        conv.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
         with torch.no_grad():
             parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
         conv.weight.requires_grad_(requires_grad)

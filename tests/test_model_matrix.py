@@ -60,3 +60,18 @@ def test_dynamic_same_padding_is_kept():
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 65, 65)).shape == (1, 10)  # odd size needs the dynamic padding
+
+
+def test_fusing_a_deep_copy_leaves_the_original_refocused_model_working():
+    import copy
+
+    model = build_model("mobilenetv2_050", num_classes=10)
+    refocus_model(model)
+    twin = copy.deepcopy(model)  # e.g. an EMA copy
+    fuse_model(twin)
+    model.eval()
+    twin.eval()
+    x = torch.randn(1, *INPUT)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), twin(x), atol=1e-5, rtol=0)
+    assert len(fuse_model(model)) > 0

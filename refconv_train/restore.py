@@ -1,0 +1,84 @@
+"""Rebuild a ready-to-run model from any checkpoint we know: fused, RefConv training, baseline training, plain."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .checkpoint import FUSED_FORMAT, describe, load_training_checkpoint
+from .config import Config, config_from_dict
+from .errors import RefconvError
+from .models import CHECKPOINT_FORMAT, build_model, load_state_dict_checked, read_state_dict, safe_torch_load
+from .refocus import is_refocus_state_dict, refocus_model
+
+
+@dataclass
+class Restored:
+    model: nn.Module
+    kind: str  # fused | refocus | baseline | state_dict | library
+    arch: str
+    num_classes: int
+    config: Config | None  # the training config, when the checkpoint carries one
+
+
+def restore_refocus_training(path: str | os.PathLike) -> Restored:
+    """A RefConv training checkpoint as the refocused model it was saved from (W_b, W_r), strictly loaded."""
+    ckpt = load_training_checkpoint(path)
+    if not is_refocus_state_dict(ckpt["model"]):
+        raise RefconvError(f"'{path}' is not a RefConv training checkpoint (it holds {describe(ckpt)}); "
+                           f"refconv-fuse takes the last.pth/best.pth of a refocus run")
+    cfg = config_from_dict(ckpt["config"])
+    model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, pretrained=False, **cfg.model.kwargs)
+    r = cfg.refocus
+    refocus_model(model, map_k=r.map_k, init="zeros", exclude=r.exclude, base=r.base)
+    _load_strict(model, ckpt["model"], path)
+    return Restored(model, "refocus", cfg.model.name, cfg.model.num_classes, cfg)
+
+
+def restore_any(path: str | os.PathLike | None, model_name: str | None = None,
+                num_classes: int | None = None) -> Restored:
+    """For evaluation: fused and training checkpoints carry their architecture; plain state dicts need
+    ``model_name``; no path at all means the library's pretrained weights of ``model_name``."""
+    if path is None:
+        if not model_name:
+            raise RefconvError("nothing to evaluate: pass --checkpoint CKPT, or --model NAME for library weights")
+        model = build_model(model_name, num_classes=num_classes or 1000, pretrained=True)
+        return Restored(model, "library", model_name, num_classes or 1000, None)
+    obj = safe_torch_load(path) if Path(path).suffix != ".safetensors" else None
+    if isinstance(obj, dict) and obj.get("format") == FUSED_FORMAT:
+        cfg = config_from_dict(obj["config"]) if obj.get("config") else None
+        model = build_model(model_name or obj["arch"], num_classes=obj["num_classes"], pretrained=False)
+        _load_strict(model, obj["state_dict"], path)
+        return Restored(model, "fused", obj["arch"], obj["num_classes"], cfg)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        if is_refocus_state_dict(obj["model"]):
+            return restore_refocus_training(path)
+        cfg = config_from_dict(obj["config"])
+        model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, pretrained=False, **cfg.model.kwargs)
+        _load_strict(model, obj["model"], path)
+        return Restored(model, "baseline", cfg.model.name, cfg.model.num_classes, cfg)
+    if not model_name:
+        what = describe(obj) if obj is not None else "a safetensors state dict"
+        raise RefconvError(f"'{path}' carries no architecture (it holds {what}); pass --model NAME")
+    state = read_state_dict(path)
+    classes = num_classes or _classifier_outputs(state)
+    model = build_model(model_name, num_classes=classes, pretrained=False)
+    load_state_dict_checked(model, state, source=str(path), allow_new_classifier=False)
+    return Restored(model, "state_dict", model_name, classes, None)
+
+
+def _classifier_outputs(state: dict) -> int:
+    """Number of classes from the last 2-D/4-D weight in the state dict (the classifier of timm/torchvision models)."""
+    weights = [v for k, v in state.items() if k.endswith("weight") and v.ndim in (2, 4)]
+    return int(weights[-1].shape[0]) if weights else 1000
+
+
+def _load_strict(model: nn.Module, state: dict, path) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RefconvError(f"'{path}' does not fit its own architecture ({str(e).splitlines()[0]}); "
+                           f"the file is damaged or was edited") from None
