@@ -15,8 +15,8 @@ import torch
 import torchvision
 from torch import nn
 
-from .errors import RefconvError
-from .refocus import fuse_state_dict, is_refocus_state_dict
+from ..errors import RefconvError
+from ..refocus import fuse_state_dict, is_refocus_state_dict
 
 log = logging.getLogger(__name__)
 
