@@ -88,7 +88,8 @@ class CheckedImageFolder(ImageFolder):
                 image = self.loader(path)
             except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
                 if self.on_bad_image == "error":
-                    reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+                    # PIL's messages repeat the path inside a file-object repr: keep the exception type only.
+                    reason = type(exc).__name__
                     raise BadImageError(f"cannot read image '{path}' ({reason}): delete or replace "
                                         "it, or set on_bad_image='skip'") from None
                 info = torch.utils.data.get_worker_info()

@@ -94,49 +94,49 @@ def train_one_epoch(
     step = start_step
     images = 0
     stopped = False
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"epoch {epoch}", disable=not show_progress,
-               dynamic_ncols=True, leave=False)
-    t0 = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    for i, (x, y) in enumerate(batches):
-        x, y = settings.to_device(x, y)
-        last_micro = (i + 1) % accum == 0
-        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with settings.autocast():
-                loss = F.cross_entropy(model(x), y, label_smoothing=settings.label_smoothing)
-            scaler.scale(loss / accum).backward()
-        loss = loss.detach()
-        finite = torch.isfinite(loss)
-        loss_sum += torch.where(finite, loss, 0.0)
-        loss_count += 1
-        images += x.shape[0]
-        if not last_micro:
-            continue
-        bad_steps.append((step, finite))
-        if settings.clip_grad_norm > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
+    # The bar is closed on errors too: an error message must not land on the bar's line.
+    with tqdm(total=total_steps, initial=start_step, desc=f"epoch {epoch}", disable=not show_progress,
+              dynamic_ncols=True, leave=False) as bar:
+        t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        global_step += 1
-        scheduler.step_update(num_updates=global_step)
-        lr = optimizer.param_groups[0]["lr"]
-        # Read the finiteness flags at a point that syncs anyway (the progress bar's loss), not every step.
-        if device.type != "cuda" or step % 10 == 0 or step == total_steps or (must_sync and must_sync(step)):
-            skips += _check_finite(bad_steps, epoch, lr, settings.max_nonfinite_skips - skips)
-            bad_steps.clear()
-            mean_loss = (loss_sum / max(loss_count, 1)).item()
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", img_s=f"{images * world_size / elapsed:.0f}")
-        bar.update(1)
-        if on_step is not None and on_step(step, global_step):
-            stopped = True
-            break
-    skips += _check_finite(bad_steps, epoch, optimizer.param_groups[0]["lr"], settings.max_nonfinite_skips - skips)
-    bar.close()
+        for i, (x, y) in enumerate(batches):
+            x, y = settings.to_device(x, y)
+            last_micro = (i + 1) % accum == 0
+            sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with settings.autocast():
+                    loss = F.cross_entropy(model(x), y, label_smoothing=settings.label_smoothing)
+                scaler.scale(loss / accum).backward()
+            loss = loss.detach()
+            finite = torch.isfinite(loss)
+            loss_sum += torch.where(finite, loss, 0.0)
+            loss_count += 1
+            images += x.shape[0]
+            if not last_micro:
+                continue
+            bad_steps.append((step, finite))
+            if settings.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            global_step += 1
+            scheduler.step_update(num_updates=global_step)
+            lr = optimizer.param_groups[0]["lr"]
+            # Read the finiteness flags at a point that syncs anyway (the progress bar's loss), not every step.
+            if device.type != "cuda" or step % 10 == 0 or step == total_steps or (must_sync and must_sync(step)):
+                skips += _check_finite(bad_steps, epoch, lr, settings.max_nonfinite_skips - skips)
+                bad_steps.clear()
+                mean_loss = (loss_sum / max(loss_count, 1)).item()
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", img_s=f"{images * world_size / elapsed:.0f}")
+            bar.update(1)
+            if on_step is not None and on_step(step, global_step):
+                stopped = True
+                break
+        skips += _check_finite(bad_steps, epoch, optimizer.param_groups[0]["lr"], settings.max_nonfinite_skips - skips)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0

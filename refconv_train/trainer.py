@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import data as data_lib
 from .checkpoint import atomic_save, load_training_checkpoint, rng_state, set_rng_state
-from .config import Config, config_to_dict, save_config
+from .config import Config, OptimConfig, config_to_dict, save_config
 from .distributed import DistInfo, barrier, broadcast_flag, cleanup, init_distributed
 from .engine import EvalResult, StepSettings, evaluate, train_one_epoch
 from .errors import RefconvError
@@ -49,6 +49,17 @@ def build_training_model(cfg: Config, pretrained: bool | str | None = None) -> t
         report = refocus_model(model, map_k=r.map_k, init=r.init, exclude=r.exclude, base=r.base,
                                base_init=r.base_init)
     return model, report
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int) -> CosineLRScheduler:
+    """Per-step LR: linear warmup over ``warmup_epochs`` from ``lr * warmup_start_factor``, then cosine over ``epochs``
+    down to ``min_lr``; the warmup runs before the cosine epochs (the authors run 5 + 100). The peak LR is the
+    optimizer's (already scaled to the global batch). Call ``step_update(num_updates=global_step)`` after each step."""
+    peak = optimizer.param_groups[0]["lr"]
+    return CosineLRScheduler(
+        optimizer, t_initial=max(optim.epochs * steps_per_epoch, 1), lr_min=optim.min_lr,
+        warmup_t=optim.warmup_epochs * steps_per_epoch, warmup_lr_init=peak * optim.warmup_start_factor,
+        warmup_prefix=True, t_in_epochs=False)
 
 
 class Trainer:
@@ -108,10 +119,7 @@ class Trainer:
         o = cfg.optim
         self.optimizer = torch.optim.SGD(self.params, lr=self.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                          nesterov=o.nesterov)
-        self.scheduler = CosineLRScheduler(
-            self.optimizer, t_initial=max(o.epochs * self.steps_per_epoch, 1), lr_min=o.min_lr,
-            warmup_t=o.warmup_epochs * self.steps_per_epoch, warmup_lr_init=self.lr * o.warmup_start_factor,
-            warmup_prefix=True, t_in_epochs=False)  # warmup steps run before the cosine ones (authors: 5 + 100)
+        self.scheduler = build_scheduler(self.optimizer, o, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.train.amp == "fp16")
         wrapped: nn.Module = model
         if self.dist.distributed:
@@ -181,10 +189,10 @@ class Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
                 save_config(cfg, self.out / "config.yaml")
             barrier()
+            self._build_data()  # data problems first: they are the most common and the cheapest to find
             resume = self._resume_path()
             ckpt = load_training_checkpoint(resume) if resume else None
             torch.manual_seed(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
-            self._build_data()
             self._build_model(resuming=ckpt is not None)
             self.start_epoch, self.global_step, self.best_top1, self.history = 0, 0, -1.0, []
             if ckpt is not None:

@@ -1,0 +1,155 @@
+"""refconv-train end to end on generated data: baseline -> refocus -> fused, schedule, resume, DDP, bad input."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from refconv_train import build_model, max_output_diff
+from refconv_train.cli.train import main as train_main
+from refconv_train.config import OptimConfig
+from refconv_train.demo_data import make_demo_data
+from refconv_train.refocus import BASE_KEY, REFOCUS_KEY
+from refconv_train.trainer import build_scheduler
+
+MODEL = "mobilenetv2_050"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_demo_data(tmp_path_factory.mktemp("data") / "demo", num_classes=4, train_per_class=8,
+                          val_per_class=3, size=32)
+
+
+def args(data_root: Path, out: Path, *extra: str) -> list[str]:
+    return [f"model.name={MODEL}", "model.num_classes=4", "model.pretrained=false", f"data.root={data_root}",
+            "data.img_size=32", "data.batch_size=8", "data.workers=0", "optim.epochs=1", "optim.warmup_epochs=1",
+            "optim.lr=0.4", "train.device=cpu", f"train.output={out}", *extra]
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_baseline_then_refocus_run_writes_verified_fused_model(data_root, tmp_path, capsys):
+    base_out, ref_out = tmp_path / "baseline", tmp_path / "refocus"
+    assert train_main(args(data_root, base_out, "refocus.enabled=false")) == 0
+    for name in ("last.pth", "best.pth", "config.yaml", "summary.csv"):
+        assert (base_out / name).is_file(), name
+    assert list((base_out / "tb").iterdir()), "TensorBoard events"
+    assert not (base_out / "fused.pth").exists()
+    assert re.fullmatch(r"top1=[\d.]+ top5=[\d.]+ loss=[\d.]+ images=12 img_per_s=[\d.]+",
+                        capsys.readouterr().out.strip().splitlines()[-1])
+
+    assert train_main(args(data_root, ref_out, f"model.pretrained={base_out / 'best.pth'}",
+                           "refocus.init=zeros")) == 0
+    baseline = load(base_out / "best.pth")["model"]
+    refocused = load(ref_out / "last.pth")["model"]
+    bases = {k[: -len(BASE_KEY)]: v for k, v in refocused.items() if k.endswith(BASE_KEY)}
+    assert bases
+    for prefix, base in bases.items():
+        assert torch.equal(base, baseline[prefix + ".weight"]), f"{prefix}: base kernel changed"
+        assert refocused[prefix + REFOCUS_KEY].abs().sum() > 0, f"{prefix}: W_r did not learn"
+
+    fused = load(ref_out / "fused.pth")
+    assert fused["arch"] == MODEL and fused["num_classes"] == 4 and fused["max_abs_diff"] <= 1e-4
+    fresh = build_model(MODEL, num_classes=4)
+    fresh.load_state_dict(fused["state_dict"], strict=True)
+    restored = build_model(MODEL, num_classes=4, pretrained=str(ref_out / "last.pth"))  # fuses on the fly
+    assert max_output_diff(fresh, restored, (3, 32, 32)) <= 1e-5
+    assert (ref_out / "fused.safetensors").is_file()
+    report = (ref_out / "refocus_report.txt").read_text()
+    assert "depthwise" in report and "W_r params" in report
+
+
+def test_lr_schedule_warms_up_then_cosine_per_step():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.2)
+    sched = build_scheduler(opt, OptimConfig(epochs=2, warmup_epochs=1, min_lr=1e-3, warmup_start_factor=0.01), 10)
+    lrs = [opt.param_groups[0]["lr"]]
+    for step in range(1, 31):
+        sched.step_update(num_updates=step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.002)  # lr * warmup_start_factor
+    assert lrs[5] == pytest.approx(0.002 + 0.5 * (0.2 - 0.002))  # linear, per step
+    assert lrs[10] == pytest.approx(0.2)  # peak after warmup_epochs
+    assert lrs[20] == pytest.approx(1e-3 + 0.5 * (0.2 - 1e-3))  # cosine half way
+    assert lrs[30] == pytest.approx(1e-3)  # min_lr at the end
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_run_stopped_after_an_epoch_and_resumed_matches_a_straight_run(data_root, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ("refocus.enabled=true", "optim.epochs=1", "optim.warmup_epochs=1")
+    assert train_main(args(data_root, straight, *common)) == 0
+    assert train_main(args(data_root, resumed, *common, "train.stop_after_epoch=1")) == 0
+    assert load(resumed / "last.pth")["epoch"] == 1 and not (resumed / "fused.pth").exists()
+    assert train_main(args(data_root, resumed, *common)) == 0  # resume: auto
+    a, b = load(straight / "last.pth"), load(resumed / "last.pth")
+    assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-6, rtol=0, msg=k)
+    assert (resumed / "fused.pth").is_file()
+    rows = (resumed / "summary.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # header + one row per epoch, across the restart
+
+
+def test_two_process_ddp_on_cpu_trains_and_counts_each_val_image_once(data_root, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29513",
+           "-m", "refconv_train.cli.train", *args(data_root, out, "optim.warmup_epochs=0",
+                                                    "data.batch_size=8")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "images=12 " in proc.stdout.strip().splitlines()[-1]  # 12 val images, none padded or dropped
+    assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "fused.pth", "last.pth"]
+    assert load(out / "last.pth")["global_step"] == 32 // 8
+
+
+def run_cli(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "refconv_train.cli.train", *argv], capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines and lines[-1].startswith("error: ") and re.search(pattern, lines[-1]), proc.stderr[-2000:]
+
+
+def test_bad_input_is_a_one_line_error_and_leaves_checkpoints_untouched(data_root, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pth").write_bytes(b"precious")
+    assert_one_line_error(run_cli(args(tmp_path / "nope", out)), r"data root .*nope")
+    assert_one_line_error(run_cli(args(data_root, out, "model.num_classes=5")), r"4 class.*5|5.*4 class")
+    assert_one_line_error(run_cli(args(data_root, out, "optim.lrr=0.1")), r"did you mean 'optim.lr'")
+    assert (out / "last.pth").read_bytes() == b"precious"
+
+
+def test_broken_data_folders_are_one_line_errors(tmp_path):
+    root = make_demo_data(tmp_path / "d", num_classes=4, train_per_class=4, val_per_class=2, size=32)
+    empty = root / "train" / "c01_square"
+    for f in empty.iterdir():
+        f.unlink()
+    assert_one_line_error(run_cli(args(root, tmp_path / "r1")), r"c01_square")
+    root2 = make_demo_data(tmp_path / "d2", num_classes=4, train_per_class=4, val_per_class=2, size=32)
+    bad = sorted((root2 / "train" / "c00_circle").iterdir())[0]
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    assert_one_line_error(run_cli(args(root2, tmp_path / "r2")), re.escape(bad.name))
+
+
+def test_summary_rows_hold_the_per_epoch_numbers(data_root, tmp_path):
+    out = tmp_path / "s"
+    assert train_main(args(data_root, out, "refocus.enabled=false", "optim.warmup_epochs=0")) == 0
+    header, row = (out / "summary.csv").read_text().strip().splitlines()
+    assert header.split(",") == ["epoch", "train_loss", "top1", "top5", "val_loss", "lr", "img_per_s", "epoch_s"]
+    values = dict(zip(header.split(","), map(float, row.split(","))))
+    assert values["epoch"] == 1 and 0 <= values["top1"] <= 100 and not math.isnan(values["train_loss"])
