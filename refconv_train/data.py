@@ -6,6 +6,7 @@ unreadable images can only be found when they are loaded, and are either fatal o
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -81,7 +82,20 @@ class CheckedImageFolder(ImageFolder):
     def reset_bad_images(self) -> None:
         self._bad.zero_()
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """``key`` is an index, or ``(index, seed)`` from :class:`TrainSampler`: the augmentation of that sample then
+        draws from its own seed, so it is the same whichever worker loads it and whether or not the run resumed."""
+        if isinstance(key, tuple):
+            index, seed = key
+            state = torch.get_rng_state()
+            torch.manual_seed(seed)
+            try:
+                return self._load(index)
+            finally:
+                torch.set_rng_state(state)  # with workers=0 this is the training process's own RNG
+        return self._load(key)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
         for attempt in range(len(self.samples)):
             path, target = self.samples[(index + attempt) % len(self.samples)]
             try:
@@ -139,16 +153,24 @@ class TrainSampler(DistributedSampler):
     def __init__(self, dataset: Dataset, world_size: int, rank: int, seed: int) -> None:
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self._epoch_set = True
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self._epoch_set = True
 
-    def __iter__(self) -> Iterator[int]:
+    def skip_next(self, samples: int) -> None:
+        """Leave out the first ``samples`` of this rank's next pass (mid-epoch resume) without loading them."""
+        self._skip = samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """Yields ``(index, seed)``: the seed of that sample's augmentation in this epoch (see CheckedImageFolder)."""
         if not self._epoch_set:
             self.epoch += 1
         self._epoch_set = False
-        return super().__iter__()
+        skip, self._skip = self._skip, 0
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        return ((i, base + i) for i in itertools.islice(super().__iter__(), skip, None))
 
 
 class ShardedEvalSampler(Sampler[int]):

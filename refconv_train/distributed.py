@@ -76,3 +76,12 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def all_gather(obj):
+    """Every rank's ``obj`` as a list indexed by rank (a list of one without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

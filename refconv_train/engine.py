@@ -73,16 +73,16 @@ def train_one_epoch(
     total_steps: int | None = None,
     start_step: int = 0,
     show_progress: bool = True,
-    on_step: Callable[[int, int], bool] | None = None,
-    must_sync: Callable[[int], bool] | None = None,
+    on_step: Callable[[int, int, Callable[[], None]], bool] | None = None,
+    nan_at_step: int = -1,
 ) -> EpochStats:
     """One pass over ``batches`` (micro-batches; ``accum_steps`` of them make one optimizer step).
 
     ``scheduler.step_update(n)`` runs after every optimizer step (per-step LR). ``on_step(step_in_epoch,
-    global_step)`` runs after each optimizer step and returns True to stop early (preemption, step limits).
+    global_step, flush)`` runs after each optimizer step and returns True to stop early (preemption).
     The loss is checked for NaN/Inf every step without a host sync: the flags are read every 10 steps (every step on
-    CPU, where syncing is free) and before any step where ``must_sync(step)`` is true (a checkpoint is about to be
-    written: it must never hold weights updated with a non-finite loss).
+    CPU, where syncing is free) and whenever ``flush()`` is called (before writing a checkpoint: it must never hold
+    weights updated with a non-finite loss). ``nan_at_step``: test-only fault injection (global step).
     """
     model.train()
     accum = settings.accum_steps
@@ -91,6 +91,12 @@ def train_one_epoch(
     loss_count = 0
     bad_steps: list[tuple[int, torch.Tensor]] = []
     skips = 0
+
+    def flush() -> None:
+        nonlocal skips
+        skips += _check_finite(bad_steps, epoch, optimizer.param_groups[0]["lr"], settings.max_nonfinite_skips - skips)
+        bad_steps.clear()
+
     step = start_step
     images = 0
     stopped = False
@@ -106,6 +112,9 @@ def train_one_epoch(
             with sync:
                 with settings.autocast():
                     loss = F.cross_entropy(model(x), y, label_smoothing=settings.label_smoothing)
+                if global_step + 1 == nan_at_step:
+                    loss = loss * math.nan
+                    nan_at_step = -1  # once: a skipped step is retried with the next batch
                 scaler.scale(loss / accum).backward()
             loss = loss.detach()
             finite = torch.isfinite(loss)
@@ -113,6 +122,13 @@ def train_one_epoch(
             loss_count += 1
             images += x.shape[0]
             if not last_micro:
+                continue
+            if settings.max_nonfinite_skips > 0 and not finite.item():  # skipping needs the flag now: one sync
+                if skips >= settings.max_nonfinite_skips:
+                    bad_steps.append((step, finite))
+                    flush()
+                skips += 1
+                optimizer.zero_grad(set_to_none=True)  # drop this batch's gradients: the weights stay finite
                 continue
             bad_steps.append((step, finite))
             if settings.clip_grad_norm > 0:
@@ -126,17 +142,16 @@ def train_one_epoch(
             scheduler.step_update(num_updates=global_step)
             lr = optimizer.param_groups[0]["lr"]
             # Read the finiteness flags at a point that syncs anyway (the progress bar's loss), not every step.
-            if device.type != "cuda" or step % 10 == 0 or step == total_steps or (must_sync and must_sync(step)):
-                skips += _check_finite(bad_steps, epoch, lr, settings.max_nonfinite_skips - skips)
-                bad_steps.clear()
+            if device.type != "cuda" or step % 10 == 0 or step == total_steps:
+                flush()
                 mean_loss = (loss_sum / max(loss_count, 1)).item()
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", img_s=f"{images * world_size / elapsed:.0f}")
             bar.update(1)
-            if on_step is not None and on_step(step, global_step):
+            if on_step is not None and on_step(step, global_step, flush):
                 stopped = True
                 break
-        skips += _check_finite(bad_steps, epoch, optimizer.param_groups[0]["lr"], settings.max_nonfinite_skips - skips)
+        flush()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0

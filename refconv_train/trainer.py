@@ -6,6 +6,8 @@ import csv
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +20,10 @@ from torch.nn.parallel import DistributedDataParallel
 from . import data as data_lib
 from .checkpoint import atomic_save, load_training_checkpoint, rng_state, set_rng_state
 from .config import Config, OptimConfig, config_to_dict, save_config
-from .distributed import DistInfo, barrier, broadcast_flag, cleanup, init_distributed
+from .distributed import DistInfo, all_gather, barrier, broadcast_flag, cleanup, init_distributed
 from .engine import EvalResult, StepSettings, evaluate, train_one_epoch
 from .errors import RefconvError
+from .faults import Fault
 from .fusing import fuse_and_verify, write_fused
 from .models import CHECKPOINT_FORMAT, build_model
 from .refocus import refocus_model
@@ -36,6 +39,7 @@ class RunResult:
     last_eval: EvalResult | None
     fused_max_abs_diff: float | None = None
     history: list[dict] = field(default_factory=list)
+    stopped: bool = False  # by a signal (preemption): last.pth holds the step reached
 
 
 def build_training_model(cfg: Config, pretrained: bool | str | None = None) -> tuple[nn.Module, object]:
@@ -67,6 +71,12 @@ class Trainer:
 
     def __init__(self, cfg: Config, config_path: str | None = None):
         self.cfg = cfg
+        if cfg.train.deterministic:  # bit-exact reruns and resumes, at some speed cost on GPU
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        else:
+            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
         self.dist: DistInfo = init_distributed(cfg.train.device)
         self.out = Path(cfg.train.output)
         self.config_path = config_path
@@ -145,7 +155,8 @@ class Trainer:
             "global_step": self.global_step,
             "best_top1": self.best_top1,
             "history": self.history,
-            "rng": rng_state(),
+            "world_size": self.dist.world_size,
+            "rng": all_gather(rng_state()),  # every rank's: model RNG (dropout, drop-path) differs per rank
             "refocus": self.cfg.refocus.enabled,
             "config": config_to_dict(self.cfg),
         }
@@ -172,14 +183,49 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.start_epoch = int(ckpt["epoch"])
+        self.start_step = int(ckpt.get("step_in_epoch", 0))
         self.global_step = int(ckpt["global_step"])
         self.best_top1 = float(ckpt["best_top1"])
         self.history = list(ckpt.get("history", []))
-        set_rng_state(ckpt["rng"])
+        states = ckpt["rng"]
+        same_world = ckpt.get("world_size", 1) == self.dist.world_size
+        if not same_world and self.dist.is_main:
+            log.warning("resuming with %d processes, the checkpoint had %d: data order and RNG continue "
+                        "approximately, not exactly", self.dist.world_size, ckpt.get("world_size", 1))
+        set_rng_state(states[self.dist.rank] if same_world else states[0])
 
     def _save(self, name: str, epoch: int, step_in_epoch: int = 0) -> None:
+        """Collective (every rank contributes its RNG state); rank 0 writes."""
+        state = self._state(epoch, step_in_epoch)
         if self.dist.is_main:
-            atomic_save(self._state(epoch, step_in_epoch), self.out / name)
+            atomic_save(state, self.out / name)
+
+    def _on_step(self, epoch: int, step_in_epoch: int, global_step: int, flush) -> bool:
+        """After every optimizer step: step checkpoints, preemption, fault injection. True = stop now."""
+        self.global_step = global_step
+        stop = broadcast_flag(self._stop_requested, self.dist.device)
+        every = self.cfg.train.checkpoint_every_steps
+        due = every > 0 and global_step % every == 0 and step_in_epoch < self.steps_per_epoch
+        if stop or due:
+            flush()  # never checkpoint weights that a non-finite loss has touched
+            self._save("last.pth", epoch, step_in_epoch)
+        self.fault.fire(global_step)
+        return stop
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: finish the current step, write last.pth, exit cleanly. A second SIGINT aborts at once."""
+        self._stop_requested = False
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def request_stop(signum, frame) -> None:
+            self._stop_requested = True
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            log.warning("%s received: stopping after the current step", signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
 
     # --------------------------------------------------------------------------------------------- run
     def run(self) -> RunResult:
@@ -194,11 +240,14 @@ class Trainer:
             ckpt = load_training_checkpoint(resume) if resume else None
             torch.manual_seed(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
             self._build_model(resuming=ckpt is not None)
-            self.start_epoch, self.global_step, self.best_top1, self.history = 0, 0, -1.0, []
+            self.start_epoch, self.start_step, self.global_step, self.best_top1, self.history = 0, 0, 0, -1.0, []
+            self.fault = Fault.from_env(dist.rank)
+            self._install_signal_handlers()
             if ckpt is not None:
                 self._load(ckpt)
                 if dist.is_main:
-                    log.info("resumed from %s at epoch %d (step %d)", resume, self.start_epoch, self.global_step)
+                    log.info("resumed from %s at epoch %d, step %d of the epoch (global step %d)", resume,
+                             self.start_epoch, self.start_step, self.global_step)
             else:
                 torch.manual_seed(cfg.train.seed + dist.rank)
             return self._loop()
@@ -211,15 +260,30 @@ class Trainer:
         writer = _tensorboard(self.out) if dist.is_main else None
         last_eval = None
         for epoch in range(self.start_epoch, total_epochs):
-            sampler = getattr(self.train_loader, "sampler", None)
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            batches = _take(self.train_loader, self.steps_per_epoch * cfg.optim.accum_steps)
+            start_step = self.start_step if epoch == self.start_epoch else 0
+            accum = cfg.optim.accum_steps
+            sampler = self.train_loader.sampler
+            sampler.set_epoch(epoch)
+            sampler.skip_next(start_step * accum * self.micro_batch)  # mid-epoch resume: same remaining samples
+            batches = _take(self.train_loader, (self.steps_per_epoch - start_step) * accum)
+            self.train_set.reset_bad_images()
+            epoch_start_global = self.global_step
             stats = train_one_epoch(
                 self.wrapped, batches, self.optimizer, self.scheduler, self.scaler, self.settings, epoch=epoch,
                 global_step=self.global_step, world_size=dist.world_size, total_steps=self.steps_per_epoch,
-                show_progress=dist.is_main)
-            self.global_step += stats.steps
+                start_step=start_step, show_progress=dist.is_main, nan_at_step=self.fault.nan_step,
+                on_step=lambda step, gstep, flush, e=epoch: self._on_step(e, step, gstep, flush))
+            self.global_step = epoch_start_global + stats.steps
+            if stats.stopped:
+                log.info("stopped at epoch %d step %d (global step %d); %s holds that step: rerun the same command "
+                         "to resume", epoch, start_step + stats.steps, self.global_step, self.out / "last.pth")
+                if writer:
+                    writer.close()
+                return RunResult(self.out, epoch, self.best_top1, last_eval, history=self.history, stopped=True)
+            bad = self.train_set.bad_images
+            if bad and dist.is_main:
+                log.warning("epoch %d: skipped %d unreadable training images (data.on_bad_image=skip)", epoch + 1,
+                            bad)
             done = epoch + 1
             if done % cfg.train.eval_every == 0 or done == total_epochs:
                 # The bare module, not DDP: unpadded eval shards can differ by a batch between ranks, and DDP's

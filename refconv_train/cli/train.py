@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     def _run() -> None:
         cfg = load_config(args.config, args.overrides)
         result = run_training(cfg, args.config)
-        if result.last_eval is not None:
+        if result.last_eval is not None and not result.stopped:
             print(result.last_eval.line())
 
     return run_cli(_run)

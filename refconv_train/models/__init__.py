@@ -1,6 +1,7 @@
 """Backbones: build any timm/torchvision model by name; architectures of the paper that neither library has are
 registered with timm here (importing this package registers them)."""
 
+from . import hbonet, mobilenext, shufflenetv1  # noqa: F401  (registers the paper's models with timm)
 from .build import (
     CHECKPOINT_FORMAT,
     TORCHVISION_PREFIX,
