@@ -1,7 +1,7 @@
 """HBONet 1.0x: Li, Zhou, Yao, "HBONet: Harmonious Bottleneck on Two Orthogonal Dimensions", ICCV 2019
 (arXiv 1908.03888). Registered with timm as ``hbonet_100``.
 
-Harmonious bottleneck (paper Sec. 3, Fig. 2): a spatial contraction-expansion around a channel expansion-contraction.
+Harmonious bottleneck: a spatial contraction-expansion around a channel expansion-contraction.
 The main branch computes only half of the output channels, at half the resolution::
 
     main = dw 5x5 s2 + BN -> 1x1 expand (in * t) + BN + ReLU6 -> dw 3x3 + BN + ReLU6 -> 1x1 to out/2 + BN
@@ -101,5 +101,5 @@ default_cfgs = generate_default_cfgs({"hbonet_100": pretrained_cfg()})
 
 @register_model
 def hbonet_100(pretrained: bool = False, **kwargs) -> HBONet:
-    """HBONet 1.0x (4.6M params, 305M MAdds in the paper). No published weights: see ``build_untrained``."""
+    """HBONet 1.0x: 4.56M params, 298M MAdds (paper: 4.6M, 305M). No published weights: see ``build_untrained``."""
     return build_untrained(HBONet, "hbonet_100", pretrained, **kwargs)

@@ -79,5 +79,5 @@ default_cfgs = generate_default_cfgs({"shufflenetv1_g3_100": pretrained_cfg()})
 
 @register_model
 def shufflenetv1_g3_100(pretrained: bool = False, **kwargs) -> ShuffleNetV1:
-    """ShuffleNetV1 1.0x, g=3 (140 MFLOPs in the paper). No published weights: see ``build_untrained``."""
+    """ShuffleNetV1 1.0x, g=3: 1.87M params, 137M MAdds (paper: 140M). No published weights: see ``build_untrained``."""
     return build_untrained(ShuffleNetV1, "shufflenetv1_g3_100", pretrained, **dict(kwargs, groups=3))
