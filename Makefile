@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# Pinned torch: these wheels lie on local disk; any other version downloads gigabytes.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test,onnx]'
+	$(BIN)/pip install -q -e '.[test,onnx,analysis]'
 	touch $(STAMP)
 
 test: $(STAMP)
