@@ -1,0 +1,132 @@
+"""Trainer and data-pipeline throughput, side by side in one process (issue 6).
+
+1. Decoded + augmented images/s of ONE data-loading worker (the paper's train transform at --img-size), from JPEGs of
+   ImageNet-like size (generated, --src-size px): multiply by data.workers for what a node's loader can feed.
+2. Training images/s of ``refconv_train.engine.train_one_epoch`` (what ``refconv-train`` runs: finiteness checks,
+   loss bookkeeping, progress bar, per-step LR, step hooks) against a bare loop (forward, backward, SGD step) over
+   the same model, DataLoader and batch, alternating blocks; reports the ratio.
+
+    python scripts/bench_pipeline.py --model mobilenetv2_100 --img-size 128 --batch-size 32 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from refconv_train import build_model, refocus_model  # noqa: E402
+from refconv_train.config import OptimConfig  # noqa: E402
+from refconv_train.data import build_dataset, build_loader, build_transform  # noqa: E402
+from refconv_train.demo_data import make_demo_data  # noqa: E402
+from refconv_train.engine import StepSettings, train_one_epoch  # noqa: E402
+from refconv_train.trainer import build_scheduler  # noqa: E402
+
+
+def decode_rate(dataset, n: int) -> float:
+    """Images/s of __getitem__ (decode + augment) in this one process: one worker's rate."""
+    keys = [(i % len(dataset), i) for i in range(n)]  # (index, augmentation seed), as the train sampler yields
+    dataset[keys[0]]
+    t0 = time.perf_counter()
+    for k in keys:
+        dataset[k]
+    return n / (time.perf_counter() - t0)
+
+
+def bare_loop(model, batches, optimizer, device) -> int:
+    images = 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        images += x.shape[0]
+    return images
+
+
+def take(iterator, n):
+    for _ in range(n):
+        yield next(iterator)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="mobilenetv2_100")
+    p.add_argument("--img-size", type=int, default=128)
+    p.add_argument("--src-size", type=int, default=400, help="side of the generated JPEGs (ImageNet: ~400x350)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps per timed block")
+    p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--decode-images", type=int, default=200)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--refocus", action="store_true", help="time the refocused model (default: baseline)")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_demo_data(Path(tmp) / "d", num_classes=10, train_per_class=40, val_per_class=2,
+                              size=args.src_size)
+        dataset = build_dataset(root, "train", build_transform(args.img_size, True), 10)
+        per_worker = decode_rate(dataset, args.decode_images)
+        print(f"data: {per_worker:.1f} decoded+augmented img/s per worker ({args.src_size}px JPEG -> "
+              f"{args.img_size}px train transform)")
+
+        model = build_model(args.model, num_classes=10).to(device)
+        if args.refocus:
+            refocus_model(model)
+        params = [q for q in model.parameters() if q.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=4e-5)
+        scheduler = build_scheduler(optimizer, OptimConfig(epochs=100, warmup_epochs=0), 1000)
+        loader = build_loader(dataset, args.batch_size, train=True, workers=args.workers, distributed=False,
+                              rank=0, world_size=1, seed=0, pin_memory=device.type == "cuda")
+        settings = StepSettings(device=device)
+
+        def batches():
+            while True:
+                loader.sampler.set_epoch(loader.sampler.epoch + 1)
+                yield from loader
+
+        stream = batches()
+        model.train()
+        bare_loop(model, take(stream, 2), optimizer, device)  # warm-up: workers started, allocator warm
+        times = {"bare": [], "trainer": []}
+        step = 0
+        for _ in range(args.repeats):
+            for name in ("bare", "trainer"):
+                t0 = time.perf_counter()
+                if name == "bare":
+                    n = bare_loop(model, take(stream, args.steps), optimizer, device)
+                else:
+                    stats = train_one_epoch(model, take(stream, args.steps), optimizer, scheduler,
+                                            torch.amp.GradScaler(device.type, enabled=False), settings, epoch=0,
+                                            global_step=step, total_steps=args.steps, show_progress=False,
+                                            on_step=lambda s, g, flush: False)
+                    step += stats.steps
+                    n = stats.images
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(n / (time.perf_counter() - t0))
+        bare, trainer = statistics.median(times["bare"]), statistics.median(times["trainer"])
+        print(f"train: bare loop {bare:.1f} img/s, refconv-train engine {trainer:.1f} img/s, "
+              f"ratio {trainer / bare:.3f} ({args.model}{' refocused' if args.refocus else ''}, "
+              f"batch {args.batch_size}, {args.img_size}px, {args.workers} workers, {args.device})")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"decode_img_per_s_per_worker": per_worker, "bare_img_per_s": bare,
+                                                   "trainer_img_per_s": trainer, "ratio": trainer / bare,
+                                                   "args": vars(args)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The Fashion-MNIST reproduction: IDX -> ImageFolder conversion (synthetic IDX files), results table, configs."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gzip
+import importlib.util
+import io
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from refconv_train.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+prep = load_script("prepare_fashion_mnist")
+table = load_script("reproduce_table")
+
+
+def call(main, argv: list) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def one_line_error(rc: int, err: str) -> str:
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """IDX of unsigned bytes: magic 0x00 0x00 0x08 ndim, big-endian int32 sizes, the data; gzipped for *.gz."""
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+    return path
+
+
+@pytest.fixture
+def idx_src(tmp_path: Path) -> tuple[Path, dict]:
+    """Synthetic Fashion-MNIST: 10 classes, 3 train and 2 test images each in shuffled order, 28x28 random pixels.
+    The train files are gzipped, the test files plain (both forms occur)."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    arrays = {}
+    for split, per_class, suffix in (("train", 3, ".gz"), ("t10k", 2, "")):
+        labels = rng.permutation(np.repeat(np.arange(10), per_class)).astype(np.uint8)
+        images = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+        write_idx(src / f"{split}-images-idx3-ubyte{suffix}", images)
+        write_idx(src / f"{split}-labels-idx1-ubyte{suffix}", labels)
+        arrays[split] = (images, labels)
+    return src, arrays
+
+
+def test_idx_to_imagefolder(idx_src, tmp_path: Path):
+    src, arrays = idx_src
+    out = tmp_path / "fm"
+    rc, stdout, err = call(prep.main, ["--src", src, "--out", out, "--train-per-class", 2, "--val-per-class", 1])
+    assert rc == 0, err
+    assert "wrote 20 train + 10 val images" in stdout
+    for split, (images, labels), per_class in (("train", arrays["train"], 2), ("val", arrays["t10k"], 1)):
+        folders = sorted(p.name for p in (out / split).iterdir())
+        assert folders == prep.CLASSES == ["0_tshirt", "1_trouser", "2_pullover", "3_dress", "4_coat", "5_sandal",
+                                           "6_shirt", "7_sneaker", "8_bag", "9_ankle_boot"]
+        for label, name in enumerate(prep.CLASSES):
+            files = sorted((out / split / name).glob("*.png"))
+            first = np.flatnonzero(labels == label)[:per_class]  # the first N of the class, in file order
+            assert [int(f.stem) for f in files] == list(first)
+            for f, i in zip(files, first):
+                with Image.open(f) as img:
+                    assert img.mode == "L" and img.size == (28, 28)
+                    assert np.array_equal(np.asarray(img), images[i])
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["train_counts"] == dict.fromkeys(prep.CLASSES, 2) and spec["val_per_class"] == 1
+
+    rc, stdout, _ = call(prep.main, ["--src", src, "--out", out, "--train-per-class", 2, "--val-per-class", 1])
+    assert rc == 0 and "already up to date" in stdout
+    rc, stdout, _ = call(prep.main, ["--src", src, "--out", out])  # other arguments: rewritten, all images
+    assert rc == 0 and "wrote 30 train + 20 val images" in stdout
+    assert len(list((out / "train").rglob("*.png"))) == 30
+
+
+def test_the_tree_trains_as_imagefolder(idx_src, tmp_path: Path):
+    from refconv_train import data as data_lib
+
+    src, _ = idx_src
+    assert call(prep.main, ["--src", src, "--out", tmp_path / "fm"])[0] == 0
+    ds = data_lib.build_dataset(tmp_path / "fm", "val", data_lib.build_transform(32, False, 1.0), num_classes=10)
+    image, label = ds[0]
+    assert image.shape == (3, 32, 32) and ds.classes == prep.CLASSES and len(ds) == 20
+
+
+def test_missing_damaged_and_foreign(idx_src, tmp_path: Path):
+    src, _ = idx_src
+    (src / "t10k-labels-idx1-ubyte").unlink()
+    line = one_line_error(*call(prep.main, ["--src", src, "--out", tmp_path / "a"])[::2])
+    assert "t10k-labels-idx1-ubyte[.gz] not found" in line and "--src" in line
+    assert not (tmp_path / "a").exists()
+
+    (src / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x14" + bytes(5))  # says 20, holds 5
+    assert "truncated" in one_line_error(*call(prep.main, ["--src", src, "--out", tmp_path / "a"])[::2])
+    (src / "t10k-labels-idx1-ubyte").write_bytes(b"PK\x03\x04 not idx")
+    assert "not an IDX file" in one_line_error(*call(prep.main, ["--src", src, "--out", tmp_path / "a"])[::2])
+
+    write_idx(src / "t10k-labels-idx1-ubyte", np.repeat(np.arange(10), 2).astype(np.uint8))
+    foreign = tmp_path / "foreign"
+    (foreign / "train" / "x").mkdir(parents=True)
+    assert "not written by this script" in one_line_error(*call(prep.main, ["--src", src, "--out", foreign])[::2])
+    assert (foreign / "train" / "x").is_dir()
+    assert "--val-per-class must be >= 1" in one_line_error(
+        *call(prep.main, ["--src", src, "--out", tmp_path / "b", "--val-per-class", 0])[::2])
+
+
+# ----------------------------------------------------------------------------------------------- results table
+def fake_run(folder: Path, top1: list[float], epochs: int = 2, warmup: int = 1) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"optim:\n  epochs: {epochs}\n  warmup_epochs: {warmup}\n")
+    with open(folder / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "train_loss", "top1", "top5"])
+        for i, t in enumerate(top1):
+            w.writerow([i + 1, 1.0, t, 99.0])
+
+
+def test_results_table_mean_spread_and_paired_delta(tmp_path: Path):
+    fake_run(tmp_path / "seed0" / "baseline", [80.0, 85.0, 84.0])
+    fake_run(tmp_path / "seed1" / "baseline", [81.0, 86.0, 86.0])
+    fake_run(tmp_path / "seed0" / "refocus", [85.0, 86.0, 87.0])
+    fake_run(tmp_path / "seed1" / "refocus", [85.0, 88.0, 88.0])
+    fake_run(tmp_path / "seed0" / "retrain", [84.0, 85.0])  # stopped after 2 of 3 epochs
+    fake_run(tmp_path / "seed10" / "baseline", [50.0], epochs=1, warmup=0)
+    rc, stdout, err = call(table.main, [tmp_path])
+    assert rc == 0, err
+    text = (tmp_path / "results.md").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines() if "|" in line}
+    base = rows[table.VARIANTS["baseline"]]
+    assert base[1:4] == ["3", "73.33 ± 20.23", "50.00 – 86.00"]  # final epochs 84, 86, 50
+    refocus = rows[table.VARIANTS["refocus"]]
+    assert refocus[1:5] == ["2", "87.50 ± 0.71", "87.00 – 88.00", "2.50 ± 0.71"]  # deltas 3 and 2, same seed
+    assert table.VARIANTS["retrain"] not in rows  # unfinished: not in the summary ...
+    assert "| retrain | unfinished (2/3) |  |  |" in text  # ... but shown per seed
+    assert "| seed 0 | seed 1 | seed 10 |" in text
+    assert stdout.rstrip().endswith(f"wrote {tmp_path / 'results.md'}")
+    assert one_line_error(*call(table.main, [tmp_path / "empty"])[::2])
+
+
+# ----------------------------------------------------------------------------------------------- configs, script
+STAGE2 = {
+    "refocus": [],
+    "retrain": ["refocus.enabled=false"],
+    "finetune": ["refocus.enabled=false", "optim.lr=0.001", "optim.warmup_epochs=0", "optim.epochs=6"],
+    "base_random_frozen": ["refocus.base_init=random"],
+    "base_pretrained_trainable": ["refocus.base=trainable"],
+    "base_random_trainable": ["refocus.base=trainable", "refocus.base_init=random"],
+}
+
+
+def test_configs_and_variant_overrides_are_valid():
+    base = load_config(str(ROOT / "configs/fashion_mnist/baseline.yaml"), ["train.seed=3"])
+    assert not base.refocus.enabled and base.model.pretrained is False and base.model.num_classes == 10
+    script = (ROOT / "scripts/reproduce.sh").read_text()
+    for variant, overrides in STAGE2.items():
+        assert f'"$dir/{variant}"' in script
+        cfg = load_config(str(ROOT / "configs/fashion_mnist/refocus.yaml"),
+                          ["model.pretrained=runs/x/best.pth", "train.seed=1", *overrides])
+        same_recipe = ("model", "data") if variant == "finetune" else ("model", "data", "optim")
+        for section in same_recipe:  # stage 2 repeats the baseline's recipe, except where the variant says
+            for key, value in vars(getattr(base, section)).items():
+                if key != "pretrained":
+                    assert getattr(getattr(cfg, section), key) == value, (variant, section, key)
+        assert cfg.optim.warmup_epochs + cfg.optim.epochs == base.optim.warmup_epochs + base.optim.epochs
+
+
+def test_reproduce_sh_parses_and_rejects_bad_arguments():
+    assert subprocess.run(["bash", "-n", ROOT / "scripts/reproduce.sh"]).returncode == 0
+    r = subprocess.run(["bash", ROOT / "scripts/reproduce.sh", "--bogus"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown argument '--bogus'")
+    r = subprocess.run(["bash", ROOT / "scripts/reproduce.sh", "--seeds", "0 x"], capture_output=True, text=True)
+    assert r.returncode == 2 and "seed 'x'" in r.stderr
+    r = subprocess.run(["bash", ROOT / "scripts/reproduce.sh", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--quick" in r.stdout
