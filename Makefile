@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 export MALLOC_MMAP_THRESHOLD_ ?= 1000000000
 export MALLOC_TRIM_THRESHOLD_ ?= 1000000000
 
+# Spinning OpenMP threads cost 10-50x when tests run several processes on 2 shared cores (measured): sleep instead.
+test demo: export OMP_WAIT_POLICY = PASSIVE
+
 .PHONY: test demo lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml

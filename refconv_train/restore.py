@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import FUSED_FORMAT, describe, load_training_checkpoint
+from .checkpoint import FUSED_FORMAT, describe
 from .config import Config, config_from_dict
 from .errors import RefconvError
 from .models import CHECKPOINT_FORMAT, build_model, load_state_dict_checked, read_state_dict, safe_torch_load
@@ -26,8 +26,9 @@ class Restored:
 
 def restore_refocus_training(path: str | os.PathLike) -> Restored:
     """A RefConv training checkpoint as the refocused model it was saved from (W_b, W_r), strictly loaded."""
-    ckpt = load_training_checkpoint(path)
-    if not is_refocus_state_dict(ckpt["model"]):
+    ckpt = safe_torch_load(path)
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT
+            and is_refocus_state_dict(ckpt.get("model", {}))):
         raise RefconvError(f"'{path}' is not a RefConv training checkpoint (it holds {describe(ckpt)}); "
                            f"refconv-fuse takes the last.pth/best.pth of a refocus run")
     cfg = config_from_dict(ckpt["config"])

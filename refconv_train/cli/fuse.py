@@ -34,11 +34,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def fuse_checkpoint(args: argparse.Namespace) -> list[Path]:
     ckpt = Path(args.checkpoint)
     out = Path(args.output) if args.output else ckpt.with_name(f"{ckpt.stem}_fused.pth")
+    if out.suffix in (".safetensors", ".onnx"):  # -o names the set of outputs: each format gets its own suffix
+        out = out.with_suffix(".pth")
     targets = {"pth": out, "safetensors": out.with_suffix(".safetensors"), "onnx": out.with_suffix(".onnx")}
     targets = {fmt: targets[fmt] for fmt in dict.fromkeys(args.format)}
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not args.force:
-        raise RefconvError(f"{', '.join(existing)} already exists; pass --force to overwrite or -o another path")
+        raise RefconvError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass --force to "
+                           f"overwrite or -o another path")
     restored = restore_refocus_training(ckpt)
     cfg = restored.config
     img_size = args.img_size or cfg.data.img_size
