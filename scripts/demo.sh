@@ -3,6 +3,7 @@
 #   1. demo data (data/demo, skipped when up to date)
 #   2. baseline: the plain model trained from scratch                      -> runs/demo/baseline/best.pth
 #   3. refocus: RefConv initialised from the baseline, same recipe        -> runs/demo/refocus/{best,fused}.pth
+#      and its control: the plain baseline re-trained with the same recipe -> runs/demo/retrain/best.pth
 #   4. refconv-fuse of the refocus run's best.pth (prints max_abs_diff)     -> runs/demo/refocus/best_fused.pth
 #   5. refconv-eval of baseline, RefConv and fused checkpoints (--json), then a results table.
 # Every run starts clean: runs/demo/ is deleted first.
@@ -35,11 +36,17 @@ step "refocus: RefConv from the baseline's best.pth -> $OUT/refocus"
 refconv-train --config "$CONFIG" model.pretrained="$OUT/baseline/best.pth" train.output="$OUT/refocus" \
   train.resume=false optim.epochs="$REFOCUS_EPOCHS"
 
+step "control: the plain baseline re-trained with the refocus stage's recipe -> $OUT/retrain"
+# Without it, a gain of the refocus stage could just be its extra epochs (the paper's own control).
+refconv-train --config "$CONFIG" refocus.enabled=false model.pretrained="$OUT/baseline/best.pth" \
+  train.output="$OUT/retrain" train.resume=false optim.epochs="$REFOCUS_EPOCHS"
+
 step "fuse: $OUT/refocus/best.pth -> $OUT/refocus/best_fused.pth"
 refconv-fuse "$OUT/refocus/best.pth" -o "$OUT/refocus/best_fused.pth"
 
 step "evaluate"
 refconv-eval "${EVAL[@]}" --checkpoint "$OUT/baseline/best.pth" --json "$OUT/eval_baseline.json"
+refconv-eval "${EVAL[@]}" --checkpoint "$OUT/retrain/best.pth" --json "$OUT/eval_retrain.json"
 refconv-eval "${EVAL[@]}" --checkpoint "$OUT/refocus/best.pth" --json "$OUT/eval_refocus.json"
 refconv-eval "${EVAL[@]}" --checkpoint "$OUT/refocus/best_fused.pth" --json "$OUT/eval_fused.json"
 seconds=$(( $(date +%s) - start ))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The demo's results table: top-1 of baseline, RefConv and fused models, max_abs_diff, eval speed fused vs baseline.
 
-Reads ``<runs>/eval_{baseline,refocus,fused}.json`` (refconv-eval --json) and ``<runs>/refocus/best_fused.pth``.
+Reads ``<runs>/eval_{baseline,retrain,refocus,fused}.json`` (refconv-eval --json) and ``<runs>/refocus/best_fused.pth``.
 refconv-eval's img/s covers the whole pipeline (JPEG decoding included) over only a couple of batches, so a busy
 machine swings it a lot; the model-forward column times the models themselves on the same random batches,
 interleaved, best of several rounds, which is the fair speed comparison of fused vs baseline.
@@ -22,7 +22,9 @@ from refconv_train.errors import RefconvError  # noqa: E402
 from refconv_train.restore import restore_any  # noqa: E402
 
 # (key of eval_<key>.json, label, checkpoint relative to the runs folder)
-ROWS = [("baseline", "baseline", "baseline/best.pth"), ("refocus", "RefConv (training form)", "refocus/best.pth"),
+ROWS = [("baseline", "baseline", "baseline/best.pth"),
+        ("retrain", "baseline re-trained (control)", "retrain/best.pth"),
+        ("refocus", "RefConv (training form)", "refocus/best.pth"),
         ("fused", "fused (original architecture)", "refocus/best_fused.pth")]
 
 
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     classes = fused["num_classes"]
     print(f"{base['images']} val images, {classes} classes (chance top-1 {100 / classes:.0f}%), {fused['arch']} at "
           f"{base['img_size']} px, trained from scratch")
-    print(f"RefConv vs baseline top-1: {results['refocus']['top1'] - base['top1']:+.2f} points")
+    print(f"RefConv vs baseline top-1: {results['refocus']['top1'] - base['top1']:+.2f} points; vs the re-trained "
+          f"control (same extra epochs): {results['refocus']['top1'] - results['retrain']['top1']:+.2f} points")
     same = all(results["fused"][k] == results["refocus"][k] for k in ("top1", "top5"))
     print(f"fused vs RefConv: max_abs_diff={fused['max_abs_diff']:.3g}, top-1/top-5 "
           f"{'identical' if same else 'DIFFER'}")
