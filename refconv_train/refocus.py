@@ -143,6 +143,11 @@ class Refocus(nn.Module):
         return self._compute(base, w_r)
 
     def _compute(self, base: torch.Tensor, w_r: torch.Tensor) -> torch.Tensor:
+        # W_t in the parameters' precision (fp32), like any weight under AMP: the conv that uses it casts it.
+        with torch.autocast(base.device.type, enabled=False):
+            return self._compute_fp32(base, w_r)
+
+    def _compute_fp32(self, base: torch.Tensor, w_r: torch.Tensor) -> torch.Tensor:
         if self.conv_groups == 1 or base.requires_grad or torch.jit.is_scripting() or _is_compiling():
             # Dense convs: each 2-D kernel has a private m x m filter; the grouped conv is cheapest and its patch
             # matrix would be m*m times the kernel's size. A trainable base needs the graph through W_b.

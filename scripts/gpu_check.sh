@@ -21,21 +21,19 @@ $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__ver
 $PY scripts/make_demo_data.py --out /tmp/demo >/dev/null
 
 # 1. refocus vs baseline training step, eval of the fused model (issue 6 GPU targets)
-for m in mobilenetv2_100 resnet18; do
+for m in ${BENCH_MODELS-mobilenetv2_100 resnet18}; do
   step "bench_$m" 150 $PY scripts/benchmark.py --device cuda --amp bf16 --channels-last --model $m \
     --img-size 224 --batch-size 128 --json "$OUT/bench_$m.json"
 done
-step bench_mobilenetv2_100_compile 200 $PY scripts/benchmark.py --device cuda --amp bf16 --channels-last --compile \
+[[ -n ${BENCH_COMPILE-1} ]] && step bench_mobilenetv2_100_compile 200 $PY scripts/benchmark.py --device cuda --amp bf16 --channels-last --compile \
   --model mobilenetv2_100 --img-size 224 --batch-size 128 --no-memory --json "$OUT/bench_mobilenetv2_100_compile.json"
 
 # 2. the trainer's CUDA paths on the demo data (short runs)
-common=(--config configs/demo.yaml data.root=/tmp/demo train.device=cuda data.workers=4 optim.epochs=2
+common=(--config configs/demo.yaml data.root=/tmp/demo train.device=cuda data.workers=4 optim.epochs=1
         optim.warmup_epochs=1 model.pretrained=false)
 step train_bf16_cl 120 $PY -m refconv_train.cli.train "${common[@]}" train.amp=bf16 train.channels_last=true \
   train.output=/tmp/r_bf16
 step train_fp16 120 $PY -m refconv_train.cli.train "${common[@]}" train.amp=fp16 train.output=/tmp/r_fp16
-step train_compile 200 $PY -m refconv_train.cli.train "${common[@]}" train.amp=bf16 train.compile=true \
-  train.output=/tmp/r_compile
 step train_torchrun_nccl 120 $PY -m torch.distributed.run --nproc_per_node=1 -m refconv_train.cli.train \
   "${common[@]}" train.amp=bf16 train.sync_bn=true train.output=/tmp/r_nccl
 step fuse 60 $PY -m refconv_train.cli.fuse /tmp/r_bf16/last.pth -o /tmp/r_bf16/deploy.pth
@@ -44,4 +42,6 @@ for c in /tmp/r_bf16/last.pth /tmp/r_bf16/deploy.pth; do
     --device cuda --amp bf16 --channels-last
 done
 cp /tmp/r_bf16/summary.csv "$OUT/train_bf16_summary.csv" 2>/dev/null || true
+step train_compile 200 $PY -m refconv_train.cli.train "${common[@]}" train.amp=bf16 train.compile=true \
+  train.output=/tmp/r_compile
 log done

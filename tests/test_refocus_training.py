@@ -143,3 +143,11 @@ def test_bad_refocus_arguments_raise_one_line_errors(kwargs, message):
     with pytest.raises(RefconvError, match=message) as e:
         refocus_model(small_model(), **kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_refocused_kernel_is_computed_in_fp32_under_autocast():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    refocus_model(conv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv.weight.dtype == torch.float32
+        assert conv(torch.randn(1, 4, 5, 5)).dtype == torch.bfloat16  # the conv itself still runs in bf16
