@@ -255,9 +255,16 @@ class Trainer:
             cleanup()
 
     def _loop(self) -> RunResult:
+        writer = _tensorboard(self.out) if self.dist.is_main else None
+        try:
+            return self._epochs(writer)
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def _epochs(self, writer) -> RunResult:
         cfg, dist = self.cfg, self.dist
         total_epochs = cfg.optim.warmup_epochs + cfg.optim.epochs
-        writer = _tensorboard(self.out) if dist.is_main else None
         last_eval = None
         for epoch in range(self.start_epoch, total_epochs):
             start_step = self.start_step if epoch == self.start_epoch else 0
@@ -277,8 +284,6 @@ class Trainer:
             if stats.stopped:
                 log.info("stopped at epoch %d step %d (global step %d); %s holds that step: rerun the same command "
                          "to resume", epoch, start_step + stats.steps, self.global_step, self.out / "last.pth")
-                if writer:
-                    writer.close()
                 return RunResult(self.out, epoch, self.best_top1, last_eval, history=self.history, stopped=True)
             bad = self.train_set.bad_images
             if bad and dist.is_main:
@@ -306,15 +311,8 @@ class Trainer:
             if broadcast_flag(bool(stop), dist.device):
                 log.info("stopping after epoch %d as asked (train.stop_after_epoch); resume with the same command",
                          done)
-                break
-        else:
-            result = self._finish(last_eval)
-            if writer:
-                writer.close()
-            return result
-        if writer:
-            writer.close()
-        return RunResult(self.out, done, self.best_top1, last_eval, history=self.history)
+                return RunResult(self.out, done, self.best_top1, last_eval, history=self.history)
+        return self._finish(last_eval)
 
     def _finish(self, last_eval: EvalResult | None) -> RunResult:
         cfg = self.cfg
