@@ -55,6 +55,16 @@ def build_training_model(cfg: Config, pretrained: bool | str | None = None) -> t
     return model, report
 
 
+def build_sgd(params: list[nn.Parameter], lr: float, optim: OptimConfig) -> torch.optim.SGD:
+    """SGD with the fused kernel where PyTorch has one: W_r can hold 10x the model's parameters (mobilenetv2_100:
+    40.6M), and the fused step was measured 2.3x faster than the default one on them (docs/performance.md)."""
+    kwargs = dict(lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov)
+    try:
+        return torch.optim.SGD(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.SGD(params, **kwargs)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int) -> CosineLRScheduler:
     """Per-step LR: linear warmup over ``warmup_epochs`` from ``lr * warmup_start_factor``, then cosine over ``epochs``
     down to ``min_lr``; the warmup runs before the cosine epochs (the authors run 5 + 100). The peak LR is the
@@ -127,8 +137,7 @@ class Trainer:
         self.model = model  # the plain module: state dicts and fusing use this one
         self.params = [p for p in model.parameters() if p.requires_grad]
         o = cfg.optim
-        self.optimizer = torch.optim.SGD(self.params, lr=self.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                                         nesterov=o.nesterov)
+        self.optimizer = build_sgd(self.params, self.lr, o)
         self.scheduler = build_scheduler(self.optimizer, o, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.train.amp == "fp16")
         wrapped: nn.Module = model

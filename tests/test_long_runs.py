@@ -35,7 +35,7 @@ def train_args(data_root: Path, out: Path, *extra: str) -> list[str]:
 def run(argv: list[str], fault: str = "", nproc: int = 0, restarts: int = 0, timeout: int = 400):
     env = dict(os.environ, OMP_NUM_THREADS="1", REFCONV_FAULT=fault)
     if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29531",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                f"--max-restarts={restarts}", "-m", "refconv_train.cli.train", *argv]
     else:
         cmd = [sys.executable, "-m", "refconv_train.cli.train", *argv]
@@ -90,8 +90,9 @@ def test_elastic_restart_after_a_worker_crash_finishes_with_the_uninterrupted_we
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     proc = run(train_args(data_root, straight, "train.checkpoint_every_steps=1"), nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # One restart is needed; a second one absorbs a rendezvous that times out on a loaded 2-core machine.
     proc = run(train_args(data_root, crashed, "train.checkpoint_every_steps=1"), fault="crash@5:1", nproc=2,
-               restarts=1)
+               restarts=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "injected crash at global step 5" in proc.stderr
     assert "resumed from" in proc.stderr

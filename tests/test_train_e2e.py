@@ -101,7 +101,7 @@ def test_run_stopped_after_an_epoch_and_resumed_matches_a_straight_run(data_root
 
 def test_two_process_ddp_on_cpu_trains_and_counts_each_val_image_once(data_root, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29513",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "refconv_train.cli.train", *args(data_root, out, "optim.warmup_epochs=0",
                                                     "data.batch_size=8")]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -1,0 +1,338 @@
+"""Cost of RefConv: training-step and eval throughput of a model, its refocused twin and the fused result.
+
+Both training setups live in ONE process and are timed in alternating blocks (A B A B ...) after warm-up, so drift
+(thermal, other load, allocator state) hits both alike; each number is the median over ``--repeats`` blocks of
+``--steps`` steps. A step is forward + cross-entropy + backward + SGD(momentum) step + ``zero_grad(set_to_none)``.
+Peak training memory is measured per setup in a fresh process, this script re-run with ``--memory-child`` (CPU:
+growth of VmHWM over VmRSS from /proc/self/status; CUDA: ``torch.cuda.max_memory_allocated``), since a process's
+high-water mark cannot be reset.
+
+    python scripts/benchmark.py --model mobilenetv2_100 --img-size 128 --batch-size 32 [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+from refconv_train import build_model, fuse_model, refocus_model  # noqa: E402
+
+TRAIN_SETUPS = ("baseline", "refocus")
+EVAL_SETUPS = ("baseline", "refocus", "fused")
+MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+MEMORY_TAG = "peak_memory_bytes="
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="mobilenetv2_100", help="timm name or torchvision:<name>")
+    p.add_argument("--img-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model (warm-up then includes compiling)")
+    p.add_argument("--steps", type=int, default=4, help="steps per timed block")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per setup before the timed blocks")
+    p.add_argument("--repeats", type=int, default=5, help="timed blocks per setup (median is reported)")
+    p.add_argument("--map-k", type=int, default=3)
+    p.add_argument("--sgd", default="default", choices=("default", "foreach", "fused"),
+                   help="torch.optim.SGD implementation (default: PyTorch's choice for the device)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's)")
+    p.add_argument("--timer", default="wall", choices=("wall", "cpu"),
+                   help="cpu: process CPU time instead of wall time (CPU only; robust on a shared machine with "
+                        "--threads 1)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--json", metavar="OUT", help="also write the numbers as JSON")
+    p.add_argument("--memory-child", choices=TRAIN_SETUPS, help=argparse.SUPPRESS)  # internal: one memory probe
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+    args.argv = argv
+    if args.amp == "fp16" and args.device != "cuda":
+        p.error("--amp fp16 needs --device cuda (use bf16 on CPU)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if args.timer == "cpu" and args.device != "cpu":
+        p.error("--timer cpu needs --device cpu")
+    if min(args.steps, args.repeats) < 1 or args.warmup < 0:
+        p.error("--steps and --repeats must be >= 1, --warmup >= 0")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- building blocks
+def build(args: argparse.Namespace, setup: str) -> tuple[nn.Module, int]:
+    """The ``baseline`` or ``refocus`` model (same seed: identical base weights); returns it and W_r's size."""
+    torch.manual_seed(0)
+    model = build_model(args.model, num_classes=1000)
+    n_refocus = 0
+    if setup == "refocus":
+        n_refocus = refocus_model(model, map_k=args.map_k, init="xavier").refocus_params
+    return to_device(model, args), n_refocus
+
+
+def to_device(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    model = model.to(args.device)
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
+def make_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g)
+    y = torch.randint(0, 1000, (args.batch_size,), generator=g)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.to(args.device), y.to(args.device)
+
+
+def autocast(args: argparse.Namespace):
+    if args.amp == "none":
+        return nullcontext()
+    return torch.autocast(args.device, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+
+
+def train_step_fn(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One training step as a closure: only ``requires_grad`` parameters (W_b is frozen) enter the optimizer."""
+    model.train()
+    impl = {"foreach": dict(foreach=True), "fused": dict(fused=True)}.get(args.sgd, {})
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                          weight_decay=4e-5, **impl)
+    scaler = torch.amp.GradScaler(args.device, enabled=args.amp == "fp16")
+    fwd = torch.compile(model) if args.compile else model
+
+    def step() -> None:
+        with autocast(args):
+            loss = F.cross_entropy(fwd(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def eval_step_fn(model: nn.Module, args: argparse.Namespace, x: torch.Tensor) -> Callable[[], None]:
+    model.eval()
+    fwd = torch.compile(model) if args.compile else model
+
+    def step() -> None:
+        with torch.no_grad(), autocast(args):
+            fwd(x)
+
+    return step
+
+
+def time_alternating(fns: dict[str, Callable[[], None]], steps: int, warmup: int, repeats: int, device: str,
+                     timer: str = "wall") -> tuple[dict[str, list[float]], float | None]:
+    """Seconds per step of every ``fn``, one list entry per block; blocks alternate between the fns.
+
+    Also returns, on CPU, the median CPU utilisation of the blocks (process CPU time / (wall time * threads)): well
+    below 1 means other processes took the cores and wall times are inflated.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    utils = []
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device == "cuda":  # events time the GPU work, not the launch queue
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(steps):
+                    fn()
+                end.record()
+                end.synchronize()
+                out[name].append(start.elapsed_time(end) / 1000 / steps)
+            else:
+                wall, cpu = time.perf_counter(), time.process_time()
+                for _ in range(steps):
+                    fn()
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                utils.append(cpu / (wall * torch.get_num_threads()))
+                out[name].append((cpu if timer == "cpu" else wall) / steps)
+    return out, statistics.median(utils) if utils else None
+
+
+# ----------------------------------------------------------------------------------------------- peak memory
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def memory_child(args: argparse.Namespace, setup: str) -> int:
+    """In a fresh process: bytes that building and training ``setup`` added at their peak."""
+    x, y = make_batch(args)  # the batch is counted in neither setup
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    else:
+        start = _proc_status_kib("VmRSS")
+        if start is None:
+            raise RuntimeError("no /proc/self/status (not Linux): CPU peak memory is not measured")
+        start *= 1024
+    step = train_step_fn(build(args, setup)[0], args, x, y)
+    for _ in range(3):  # the 2nd step adds momentum buffers, the 3rd shows the steady state
+        step()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    return _proc_status_kib("VmHWM") * 1024 - start
+
+
+def peak_training_memory(args: argparse.Namespace, setup: str) -> tuple[int | None, str | None]:
+    """Bytes a training setup adds at its peak (model, W_r, grads, momentum, activations), measured in a fresh
+    interpreter (a process's high-water mark cannot be reset); returns ``(bytes, None)`` or ``(None, error)``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--memory-child", setup]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return None, "memory subprocess timed out"
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines and lines[-1].startswith(MEMORY_TAG):
+        return int(lines[-1][len(MEMORY_TAG):]), None
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return None, f"memory subprocess failed (exit {proc.returncode}): {tail}"
+
+
+# ----------------------------------------------------------------------------------------------- the benchmark
+def run_benchmark(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    x, y = make_batch(args)
+    base, _ = build(args, "baseline")
+    refocused, n_refocus = build(args, "refocus")
+    train, train_util = time_alternating(
+        {"baseline": train_step_fn(base, args, x, y), "refocus": train_step_fn(refocused, args, x, y)},
+        args.steps, args.warmup, args.repeats, args.device, args.timer)
+
+    fused = copy.deepcopy(refocused)
+    fuse_model(fused)
+    fused_parametrized = sum(parametrize.is_parametrized(m) for m in fused.modules())
+    evals, eval_util = time_alternating(
+        {"baseline": eval_step_fn(base, args, x), "refocus": eval_step_fn(refocused, args, x),
+         "fused": eval_step_fn(fused, args, x)},
+        args.steps, max(args.warmup, 1), args.repeats, args.device, args.timer)
+
+    def throughput(times: list[float]) -> float:
+        return args.batch_size / statistics.median(times)
+
+    res: dict = {
+        "model": args.model, "device": args.device, "device_name": device_name(args.device),
+        "threads": torch.get_num_threads(), "img_size": args.img_size, "batch_size": args.batch_size,
+        "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile, "sgd": args.sgd,
+        "timer": args.timer, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+        "torch": torch.__version__, "cpu_util": {"train": train_util, "eval": eval_util},
+        "malloc_env": {k: os.environ.get(k) for k in MALLOC_VARS},
+        "train_s_per_step": train, "eval_s_per_step": evals,
+        "train_img_s": {k: throughput(v) for k, v in train.items()},
+        "eval_img_s": {k: throughput(v) for k, v in evals.items()},
+        "fused_parametrized_modules": fused_parametrized,
+        "refocus_params": n_refocus,
+        "refocus_train_bytes": 3 * 4 * n_refocus,  # W_r + its grad + its momentum buffer, fp32
+    }
+    res["train_ratio"] = statistics.median(train["refocus"]) / statistics.median(train["baseline"])
+    res["train_ratio_paired"] = statistics.median(r / b for r, b in zip(train["refocus"], train["baseline"]))
+    res["train_ratio_best"] = min(train["refocus"]) / min(train["baseline"])  # fastest blocks: least disturbed
+    res["eval_ratio_refocus"] = statistics.median(evals["refocus"]) / statistics.median(evals["baseline"])
+    res["eval_ratio_fused"] = statistics.median(evals["fused"]) / statistics.median(evals["baseline"])
+    if not args.no_memory:
+        res["peak_memory_bytes"], errors = {}, {}
+        for setup in TRAIN_SETUPS:
+            res["peak_memory_bytes"][setup], err = peak_training_memory(args, setup)
+            if err:
+                errors[setup] = err
+        mem = res["peak_memory_bytes"]
+        res["memory_ratio"] = mem["refocus"] / mem["baseline"] if None not in mem.values() else None
+        if errors:
+            res["memory_errors"] = errors
+    return res
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        model = "cpu"
+    return f"{model}, {os.cpu_count()} logical CPUs"
+
+
+def format_table(r: dict) -> str:
+    def mib(b: int | None) -> str:
+        return "n/a" if b is None else f"{b / 2**20:.1f} MiB"
+
+    def ips(kind: str, setup: str) -> str:
+        return f"{r[kind][setup]:9.1f} img/s"
+
+    malloc = " ".join(f"{k}={v}" for k, v in r["malloc_env"].items() if v) or "default glibc malloc"
+    lines = [
+        f"{r['model']} | {r['device']} ({r['device_name']}, {r['threads']} threads) | {r['img_size']} px, "
+        f"batch {r['batch_size']} | amp={r['amp']} channels_last={r['channels_last']} compile={r['compile']} "
+        f"sgd={r['sgd']} | {r['timer']} time, median of {r['repeats']} blocks x {r['steps']} steps | {malloc}",
+        f"{'':6s} {'baseline':>15s} {'refocus':>15s} {'fused':>15s}  ratio (time)",
+        f"{'train':6s} {ips('train_img_s', 'baseline')} {ips('train_img_s', 'refocus')} {'-':>15s}  "
+        f"refocus/baseline = {r['train_ratio']:.3f} (paired blocks {r['train_ratio_paired']:.3f}, "
+        f"fastest blocks {r['train_ratio_best']:.3f})",
+        f"{'eval':6s} {ips('eval_img_s', 'baseline')} {ips('eval_img_s', 'refocus')} {ips('eval_img_s', 'fused')}  "
+        f"fused/baseline = {r['eval_ratio_fused']:.3f} (refocus/baseline {r['eval_ratio_refocus']:.3f})",
+    ]
+    if "peak_memory_bytes" in r:
+        mem = r["peak_memory_bytes"]
+        ratio = "n/a" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}"
+        kind = "torch.cuda.max_memory_allocated" if r["device"] == "cuda" else "VmHWM growth, fresh process"
+        lines.append(f"{'memory':6s} {mib(mem['baseline']):>15s} {mib(mem['refocus']):>15s} {'-':>15s}  "
+                     f"refocus/baseline = {ratio} (peak of training, {kind})")
+        lines += [f"memory {k}: {v}" for k, v in r.get("memory_errors", {}).items()]
+    lines.append(f"W_r: {r['refocus_params']:,} params; W_r + grad + momentum = 3 * 4 B * {r['refocus_params']:,} "
+                 f"= {mib(r['refocus_train_bytes'])}")
+    lines.append(f"fused model: {r['fused_parametrized_modules']} parametrized modules")
+    util = r["cpu_util"]["train"]
+    if util is not None and util < 0.85:
+        hint = "CPU times are less affected" if r["timer"] == "cpu" else "try --threads 1 --timer cpu"
+        lines.append(f"warning: CPU utilisation {util:.2f} < 0.85 in the training blocks: other processes shared the "
+                     f"cores and inflated wall times ({hint}, or use a quiet machine)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    if args.memory_child:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(f"{MEMORY_TAG}{memory_child(args, args.memory_child)}")
+        return None
+    result = run_benchmark(args)
+    print(format_table(result), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""scripts/benchmark.py runs end to end on a tiny model and reports what it promises (no timing assertions)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("refconv_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_reports_ratios_memory_and_a_plain_fused_model(benchmark, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    result = benchmark.main(["--model", "mobilenetv2_050", "--img-size", "32", "--batch-size", "2", "--steps", "1",
+                             "--warmup", "1", "--repeats", "2", "--threads", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    for text in ("refocus/baseline =", "fused/baseline =", "img/s", "W_r:", "peak of training"):
+        assert text in printed, text
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["fused_parametrized_modules"] == 0
+    assert result["train_ratio"] > 0 and result["eval_ratio_fused"] > 0 and result["train_ratio_paired"] > 0
+    assert set(result["train_img_s"]) == {"baseline", "refocus"}
+    assert set(result["eval_img_s"]) == {"baseline", "refocus", "fused"}
+    assert result["refocus_params"] > 0 and result["refocus_train_bytes"] == 12 * result["refocus_params"]
+    mem = result["peak_memory_bytes"]
+    assert not result.get("memory_errors"), result.get("memory_errors")
+    assert mem["baseline"] > 0 and mem["refocus"] > 0 and result["memory_ratio"] > 0
