@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import assert_one_line_error
+from cli_helpers import call as call_cli
 from PIL import Image
 
 from refconv_train import analysis
@@ -22,17 +22,7 @@ CLASSES = 4
 
 
 def call(argv: list) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = analyze_cli.main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def assert_one_line_error(rc: int, err: str) -> str:
-    assert rc != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+    return call_cli(analyze_cli.main, argv)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -15,6 +13,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from cli_helpers import assert_one_line_error, call
 from conftest import TINY_MODEL, TINY_SIZE, TinyRuns, one_thread, tiny_train_args
 
 from refconv_train import data as data_lib
@@ -27,22 +26,6 @@ from refconv_train.restore import restore_any
 
 LINE = re.compile(r"top1=(\d+\.\d+) top5=(\d+\.\d+) loss=(\d+\.\d+) images=(\d+) img_per_s=(\d+\.\d+)")
 NOT_REFCONV = re.compile(r"error: '.+' is not a RefConv training checkpoint \(it holds .+\)")
-
-
-def call(main, argv: list[str]) -> tuple[int, str, str]:
-    """Run a CLI entry point in-process; return its exit status, stdout and stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def assert_one_line_error(rc: int, err: str) -> str:
-    """Non-zero exit, and stderr is exactly one ``error: ...`` line (no traceback)."""
-    assert rc != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def eval_args(runs: TinyRuns, ckpt: Path, *extra) -> list:
