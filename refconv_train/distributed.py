@@ -48,8 +48,24 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+        timeout = datetime.timedelta(minutes=30)
+        dist.init_process_group(backend, store=_attempt_store(rank, world, timeout), rank=rank, world_size=world,
+                                timeout=timeout, **kwargs)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+
+
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, with keys private to this torchrun attempt.
+
+    After an elastic restart the new workers meet in the same store; without a per-attempt prefix a rank could read
+    a dead worker's address from the previous attempt (seen as gloo "connectFullMesh ... Connection refused" on a
+    loaded machine). Under torchrun the agent hosts the store; in a plain multi-process launch rank 0 does.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_store, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"refconv/attempt_{attempt}", store)
 
 
 def cleanup() -> None:

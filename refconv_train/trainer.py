@@ -233,35 +233,43 @@ class Trainer:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
             log.warning("%s received: stopping after the current step", signal.Signals(signum).name)
 
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
+        self._previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _restore_signal_handlers(self) -> None:
+        """Library use (a test, a notebook): the caller's handlers come back when the run ends."""
+        for sig, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(sig, handler)
 
     # --------------------------------------------------------------------------------------------- run
     def run(self) -> RunResult:
         cfg, dist = self.cfg, self.dist
-        try:
+        if dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        barrier()
+        self._build_data()  # data problems first: they are the most common and the cheapest to find
+        resume = self._resume_path()
+        ckpt = load_training_checkpoint(resume) if resume else None
+        torch.manual_seed(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
+        self._build_model(resuming=ckpt is not None)
+        self.start_epoch, self.start_step, self.global_step, self.best_top1, self.history = 0, 0, 0, -1.0, []
+        self.fault = Fault.from_env(dist.rank)
+        self._install_signal_handlers()
+        if ckpt is not None:
+            self._load(ckpt)
             if dist.is_main:
-                self.out.mkdir(parents=True, exist_ok=True)
-                save_config(cfg, self.out / "config.yaml")
-            barrier()
-            self._build_data()  # data problems first: they are the most common and the cheapest to find
-            resume = self._resume_path()
-            ckpt = load_training_checkpoint(resume) if resume else None
-            torch.manual_seed(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
-            self._build_model(resuming=ckpt is not None)
-            self.start_epoch, self.start_step, self.global_step, self.best_top1, self.history = 0, 0, 0, -1.0, []
-            self.fault = Fault.from_env(dist.rank)
-            self._install_signal_handlers()
-            if ckpt is not None:
-                self._load(ckpt)
-                if dist.is_main:
-                    log.info("resumed from %s at epoch %d, step %d of the epoch (global step %d)", resume,
-                             self.start_epoch, self.start_step, self.global_step)
-            else:
-                torch.manual_seed(cfg.train.seed + dist.rank)
-            return self._loop()
+                log.info("resumed from %s at epoch %d, step %d of the epoch (global step %d)", resume,
+                         self.start_epoch, self.start_step, self.global_step)
+        else:
+            torch.manual_seed(cfg.train.seed + dist.rank)
+        try:
+            result = self._loop()
         finally:
-            cleanup()
+            self._restore_signal_handlers()
+        # Process-group teardown only after success: on an error path, with a peer already dead, it can block and
+        # leave the other ranks waiting in their collectives until the timeout. Exiting closes the sockets anyway.
+        cleanup()
+        return result
 
     def _loop(self) -> RunResult:
         writer = _tensorboard(self.out) if self.dist.is_main else None

@@ -37,35 +37,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     dist = init_distributed(args.device)
-    try:
-        restored = restore_any(args.checkpoint, args.model, args.num_classes)
-        cfg = restored.config
-        img_size = args.img_size or (cfg.data.img_size if cfg else 224)
-        crop_pct = args.crop_pct or (cfg.data.crop_pct if cfg else 0.875)
-        mean, std = (tuple(cfg.data.mean), tuple(cfg.data.std)) if cfg else (data_lib.IMAGENET_MEAN,
-                                                                             data_lib.IMAGENET_STD)
-        transform = data_lib.build_transform(img_size, False, crop_pct, mean, std)
-        dataset = data_lib.build_dataset(args.data, args.split, transform, restored.num_classes)
-        loader = data_lib.build_loader(dataset, args.batch_size, train=False, workers=args.workers,
-                                       distributed=dist.distributed, rank=dist.rank, world_size=dist.world_size,
-                                       seed=0, pin_memory=dist.device.type == "cuda")
-        model = restored.model.to(dist.device)
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)
-        settings = StepSettings(device=dist.device, amp=args.amp, channels_last=args.channels_last)
-        result = evaluate(model, loader, settings, show_progress=dist.is_main)
-        out = {"top1": result.top1, "top5": result.top5, "loss": result.loss, "images": result.images,
-               "img_per_s": result.images_per_second, "model": restored.arch, "kind": restored.kind,
-               "checkpoint": args.checkpoint, "split": args.split, "img_size": img_size,
-               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "line": result.line()}
-        if dist.is_main:
-            print(f"model={restored.arch} kind={restored.kind} checkpoint={args.checkpoint} split={args.split}")
-            if args.json:
-                Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-            print(result.line())
-        return out
-    finally:
-        cleanup()
+    restored = restore_any(args.checkpoint, args.model, args.num_classes)
+    cfg = restored.config
+    img_size = args.img_size or (cfg.data.img_size if cfg else 224)
+    crop_pct = args.crop_pct or (cfg.data.crop_pct if cfg else 0.875)
+    mean, std = (tuple(cfg.data.mean), tuple(cfg.data.std)) if cfg else (data_lib.IMAGENET_MEAN,
+                                                                         data_lib.IMAGENET_STD)
+    transform = data_lib.build_transform(img_size, False, crop_pct, mean, std)
+    dataset = data_lib.build_dataset(args.data, args.split, transform, restored.num_classes)
+    loader = data_lib.build_loader(dataset, args.batch_size, train=False, workers=args.workers,
+                                   distributed=dist.distributed, rank=dist.rank, world_size=dist.world_size,
+                                   seed=0, pin_memory=dist.device.type == "cuda")
+    model = restored.model.to(dist.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    settings = StepSettings(device=dist.device, amp=args.amp, channels_last=args.channels_last)
+    result = evaluate(model, loader, settings, show_progress=dist.is_main)
+    out = {"top1": result.top1, "top5": result.top5, "loss": result.loss, "images": result.images,
+           "img_per_s": result.images_per_second, "model": restored.arch, "kind": restored.kind,
+           "checkpoint": args.checkpoint, "split": args.split, "img_size": img_size,
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "line": result.line()}
+    if dist.is_main:
+        print(f"model={restored.arch} kind={restored.kind} checkpoint={args.checkpoint} split={args.split}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(result.line())
+    cleanup()  # only after success: with a dead peer, teardown can block (see Trainer.run)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
