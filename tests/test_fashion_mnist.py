@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import gzip
 import importlib.util
-import io
 import json
 import struct
 import subprocess
@@ -15,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import call
 from PIL import Image
 
 from refconv_train.config import load_config
@@ -32,13 +31,6 @@ def load_script(name: str):
 
 prep = load_script("prepare_fashion_mnist")
 table = load_script("reproduce_table")
-
-
-def call(main, argv: list) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def one_line_error(rc: int, err: str) -> str:
