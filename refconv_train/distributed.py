@@ -87,10 +87,14 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any rank (e.g. a stop request that arrived at one process)."""
+    """True on every rank if it is true on any rank (e.g. a stop request that arrived at one process).
+
+    Called after every optimizer step: a single process answers without a tensor, so a GPU is not synced per step.
+    """
+    if not dist.is_initialized():
+        return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
