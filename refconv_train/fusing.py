@@ -1,9 +1,10 @@
-"""Fuse a refocused model into the original architecture and prove it computes the same function."""
+"""Fuse a refocused model into the original architecture, prove it computes the same function, write it out."""
 
 from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from torch import nn
 from .checkpoint import atomic_save, atomic_save_safetensors, fused_checkpoint, unwrap
 from .errors import RefconvError
 from .models import build_model
-from .refocus import fuse_model, refocused_convs
-from .verify import randomize_bn_stats
+from .refocus import fuse_state_dict, refocused_convs
+from .verify import output_diff, randomize_bn_stats
+
+FORMATS = ("pth", "safetensors", "onnx")
 
 
 @dataclass
@@ -26,50 +29,62 @@ class FuseResult:
 @torch.no_grad()
 def fuse_and_verify(refocused: nn.Module, name: str, num_classes: int, img_size: int, atol: float = 1e-4,
                     batch: int = 4, seed: int = 0) -> FuseResult:
-    """Fuse a copy of ``refocused`` (left untouched), load the fused weights **strictly** into a freshly built
+    """Fuse ``refocused``'s weights (the model is left untouched), load them **strictly** into a freshly built
     ``name`` model, and compare eval-mode outputs on random fp32 inputs of ``img_size``. Raises above ``atol``."""
     source = unwrap(refocused)
     if not refocused_convs(source):
         raise RefconvError("the model holds no RefConv layer: nothing to fuse")
     device = next(source.parameters()).device
-    fused = copy.deepcopy(source).float()
-    fuse_model(fused)
     fresh = build_model(name, num_classes=num_classes, pretrained=False)
     try:
-        fresh.load_state_dict(fused.state_dict(), strict=True)
+        fresh.load_state_dict(fuse_state_dict(source.state_dict()), strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise RefconvError(f"fused weights do not load strictly into a fresh {name!r}: {first}") from None
     fresh.to(device)
-    reference = copy.deepcopy(source).float()
+    reference = copy.deepcopy(source).float()  # our own copy: its norm statistics are randomized below
     x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed)).to(device)
-    # Once with the trained statistics (what is deployed), once with randomized norm statistics on copies of both
+    # Once with the trained statistics (what is deployed), once with randomized norm statistics in both models
     # (near-identity BN can hide a wrong kernel; RepVGG's lesson).
-    diff = _max_diff(reference, fresh, x)
-    ref_rand, fresh_rand = copy.deepcopy(reference), copy.deepcopy(fresh)
-    randomize_bn_stats(ref_rand, seed)
+    diff = output_diff(reference, fresh, x)
+    fresh_rand = copy.deepcopy(fresh)
+    randomize_bn_stats(reference, seed)
     randomize_bn_stats(fresh_rand, seed)
-    diff = max(diff, _max_diff(ref_rand, fresh_rand, x))
+    diff = max(diff, output_diff(reference, fresh_rand, x))
     if not diff <= atol:  # also catches NaN
         raise RefconvError(f"fused model differs from the RefConv model: max_abs_diff={diff:.3g} > atol={atol:g}; "
                            f"the checkpoint was not written")
     return FuseResult(model=fresh.cpu(), max_abs_diff=diff)
 
 
-def _max_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
-    a.eval()
-    b.eval()
-    return (a(x).float() - b(x).float()).abs().max().item()
-
-
-def write_fused(result: FuseResult, out: str | os.PathLike, arch: str, num_classes: int, config: dict,
-                safetensors: bool = True) -> list[Path]:
-    """Write ``out`` (DESIGN 4 fused format) atomically, and its ``.safetensors`` twin (bare state dict)."""
+def fused_outputs(out: str | os.PathLike, formats: tuple[str, ...] = ("pth", "safetensors")) -> dict[str, Path]:
+    """Format -> path for a fused checkpoint named ``out``: the ``pth`` is ``out`` itself, the others sit beside it
+    with their own suffix (an ``out`` named ``.safetensors``/``.onnx`` names the set: the checkpoint gets ``.pth``)."""
     out = Path(out)
-    atomic_save(fused_checkpoint(result.model, arch, num_classes, config, result.max_abs_diff), out)
-    written = [out]
-    if safetensors:
-        twin = out.with_suffix(".safetensors")
-        atomic_save_safetensors(result.model.state_dict(), twin)
-        written.append(twin)
-    return written
+    if out.suffix in (".safetensors", ".onnx"):
+        out = out.with_suffix(".pth")
+    paths = {"pth": out, "safetensors": out.with_suffix(".safetensors"), "onnx": out.with_suffix(".onnx")}
+    return {fmt: paths[fmt] for fmt in dict.fromkeys(formats)}
+
+
+def write_fused(result: FuseResult, outputs: dict[str, Path], arch: str, num_classes: int, config: dict,
+                img_size: int) -> list[Path]:
+    """Write each output atomically: the DESIGN 4 fused checkpoint (``pth``), its bare state dict (``safetensors``),
+    an ONNX export with a dynamic batch axis (``onnx``, ``pip install .[onnx]``)."""
+    for fmt, path in outputs.items():
+        if fmt == "pth":
+            atomic_save(fused_checkpoint(result.model, arch, num_classes, config, result.max_abs_diff), path)
+        elif fmt == "safetensors":
+            atomic_save_safetensors(result.model.state_dict(), path)
+        else:
+            export_onnx(result.model, img_size, path)
+    return list(outputs.values())
+
+
+def export_onnx(model: nn.Module, img_size: int, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice; it needs no onnxscript
+        torch.onnx.export(model.eval(), (torch.randn(1, 3, img_size, img_size),), str(tmp), dynamo=False,
+                          input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    tmp.replace(path)

@@ -24,7 +24,7 @@ from .distributed import DistInfo, all_gather, barrier, broadcast_flag, cleanup,
 from .engine import EvalResult, StepSettings, evaluate, train_one_epoch
 from .errors import RefconvError
 from .faults import Fault
-from .fusing import fuse_and_verify, write_fused
+from .fusing import fuse_and_verify, fused_outputs, write_fused
 from .models import CHECKPOINT_FORMAT, build_model
 from .refocus import refocus_model
 
@@ -337,7 +337,8 @@ class Trainer:
         if cfg.refocus.enabled and self.dist.is_main:
             fused = fuse_and_verify(self.model, cfg.model.name, cfg.model.num_classes, cfg.data.img_size,
                                     atol=cfg.train.verify_fuse_atol)
-            write_fused(fused, self.out / "fused.pth", cfg.model.name, cfg.model.num_classes, config_to_dict(cfg))
+            write_fused(fused, fused_outputs(self.out / "fused.pth"), cfg.model.name, cfg.model.num_classes,
+                        config_to_dict(cfg), cfg.data.img_size)
             diff = fused.max_abs_diff
             log.info("wrote %s (original architecture, max_abs_diff=%.3g)", self.out / "fused.pth", diff)
         barrier()

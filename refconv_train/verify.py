@@ -24,10 +24,8 @@ def randomize_bn_stats(model: nn.Module, seed: int = 0) -> None:
 
 
 @torch.no_grad()
-def max_output_diff(a: nn.Module, b: nn.Module, input_size: tuple[int, ...], batch: int = 2, seed: int = 0,
-                    device: torch.device | str = "cpu") -> float:
-    """Max |a(x) - b(x)| over random inputs, both models in eval mode (restored afterwards), fp32."""
-    x = torch.randn((batch, *input_size), generator=torch.Generator().manual_seed(seed)).to(device)
+def output_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    """Max |a(x) - b(x)|, both models in eval mode (their modes are restored afterwards)."""
     modes = a.training, b.training
     a.eval()
     b.eval()
@@ -36,3 +34,10 @@ def max_output_diff(a: nn.Module, b: nn.Module, input_size: tuple[int, ...], bat
     finally:
         a.train(modes[0])
         b.train(modes[1])
+
+
+def max_output_diff(a: nn.Module, b: nn.Module, input_size: tuple[int, ...], batch: int = 2, seed: int = 0,
+                    device: torch.device | str = "cpu") -> float:
+    """:func:`output_diff` on seeded random fp32 inputs of ``(batch, *input_size)``."""
+    x = torch.randn((batch, *input_size), generator=torch.Generator().manual_seed(seed)).to(device)
+    return output_diff(a, b, x)
