@@ -12,7 +12,8 @@ from .checkpoint import FUSED_FORMAT, describe
 from .config import Config, config_from_dict
 from .errors import RefconvError
 from .models import CHECKPOINT_FORMAT, build_model, load_state_dict_checked, read_state_dict, safe_torch_load
-from .refocus import is_refocus_state_dict, refocus_model
+from .refocus import is_refocus_state_dict
+from .trainer import build_training_model
 
 
 @dataclass
@@ -31,12 +32,16 @@ def restore_refocus_training(path: str | os.PathLike) -> Restored:
             and is_refocus_state_dict(ckpt.get("model", {}))):
         raise RefconvError(f"'{path}' is not a RefConv training checkpoint (it holds {describe(ckpt)}); "
                            f"refconv-fuse takes the last.pth/best.pth of a refocus run")
+    return _restore_training(ckpt, path)
+
+
+def _restore_training(ckpt: dict, path: str | os.PathLike) -> Restored:
+    """The model a training checkpoint was saved from (refocused or baseline, as its config says)."""
     cfg = config_from_dict(ckpt["config"])
-    model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, pretrained=False, **cfg.model.kwargs)
-    r = cfg.refocus
-    refocus_model(model, map_k=r.map_k, init="zeros", exclude=r.exclude, base=r.base)
+    model, _ = build_training_model(cfg, pretrained=False)  # every weight then comes from the checkpoint
     _load_strict(model, ckpt["model"], path)
-    return Restored(model, "refocus", cfg.model.name, cfg.model.num_classes, cfg)
+    kind = "refocus" if is_refocus_state_dict(ckpt["model"]) else "baseline"
+    return Restored(model, kind, cfg.model.name, cfg.model.num_classes, cfg)
 
 
 def restore_any(path: str | os.PathLike | None, model_name: str | None = None,
@@ -55,12 +60,7 @@ def restore_any(path: str | os.PathLike | None, model_name: str | None = None,
         _load_strict(model, obj["state_dict"], path)
         return Restored(model, "fused", obj["arch"], obj["num_classes"], cfg)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        if is_refocus_state_dict(obj["model"]):
-            return restore_refocus_training(path)
-        cfg = config_from_dict(obj["config"])
-        model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, pretrained=False, **cfg.model.kwargs)
-        _load_strict(model, obj["model"], path)
-        return Restored(model, "baseline", cfg.model.name, cfg.model.num_classes, cfg)
+        return _restore_training(obj, path)
     if not model_name:
         what = describe(obj) if obj is not None else "a safetensors state dict"
         raise RefconvError(f"'{path}' carries no architecture (it holds {what}); pass --model NAME")
