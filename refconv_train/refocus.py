@@ -89,10 +89,9 @@ class _PatchGemm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        w, patches = ctx.saved_tensors
-        grad = grad.to(patches.dtype)  # under autocast the forward ran in low precision; backward runs in fp32
-        grad_w = torch.bmm(grad, patches.transpose(1, 2)).to(w.dtype) if ctx.needs_input_grad[0] else None
-        grad_p = torch.bmm(w.transpose(1, 2).to(grad.dtype), grad) if ctx.needs_input_grad[1] else None
+        w, patches = ctx.saved_tensors  # one dtype: Refocus computes W_t outside autocast
+        grad_w = torch.bmm(grad, patches.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_p = torch.bmm(w.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
         return grad_w, grad_p
 
 
