@@ -11,6 +11,8 @@ import os
 import signal
 from dataclasses import dataclass
 
+from .errors import RefconvError
+
 KINDS = ("crash", "kill", "sigterm", "nan")
 
 
@@ -28,7 +30,7 @@ class Fault:
         kind, _, where = spec.partition("@")
         step, _, fault_rank = where.partition(":")
         if kind not in KINDS or not step.isdigit():
-            raise ValueError(f"REFCONV_FAULT={spec!r}: expected <{'|'.join(KINDS)}>@<step>[:rank]")
+            raise RefconvError(f"REFCONV_FAULT={spec!r} is malformed: use <{'|'.join(KINDS)}>@<step>[:rank]")
         fault = cls(kind, int(step), int(fault_rank or 0))
         return fault if fault.rank == rank else cls()
 

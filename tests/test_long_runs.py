@@ -146,3 +146,11 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(RefconvError, match="cannot write checkpoint"):
         checkpoint_lib.atomic_save({"v": torch.ones(1)}, blocker / "sub" / "last.pth")
+
+
+def test_malformed_fault_injection_spec_is_a_clear_error(monkeypatch):
+    from refconv_train.faults import Fault
+
+    monkeypatch.setenv("REFCONV_FAULT", "boom")
+    with pytest.raises(RefconvError, match="REFCONV_FAULT='boom' is malformed"):
+        Fault.from_env(0)
