@@ -93,3 +93,28 @@ def test_eval_cache_follows_in_place_updates():
     with torch.no_grad():
         expected = nn.functional.conv2d(x, conv.weight, conv.bias, padding=1, groups=8)
     torch.testing.assert_close(y2, expected)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("c_in,c_out,groups", [(130, 130, 130), (96, 192, 96), (12, 24, 4), (7, 7, 7)])
+def test_gemm_path_gradients_match_reference_under_row_blocking(c_in, c_out, groups, threads):
+    """The patch GEMM splits W_r's rows into blocks chosen from the thread count (CPU): every split gives the
+    reference's W_t and W_r gradient. 130 rows: blocks of 65 (2 threads), 2 (3 threads: nearest divisor)."""
+    g = torch.Generator().manual_seed(c_in + c_out + groups + threads)
+    base = torch.randn(c_out, c_in // groups, 3, 3, generator=g, dtype=torch.float64)
+    w_r = torch.randn(refocus_shape(base.shape, groups, 3), generator=g, dtype=torch.float64)
+    upstream = torch.randn(base.shape, generator=g, dtype=torch.float64)
+    ref_w = w_r.clone().requires_grad_()
+    (refocus_transform(base, ref_w) * upstream).sum().backward()
+    module = Refocus(base.shape, groups, 3).to(torch.float64)
+    with torch.no_grad():
+        module.refocus_weight.copy_(w_r)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = module(base)  # frozen base: cached transposed patches + _PatchGemm
+        (out * upstream).sum().backward()
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(out, refocus_transform(base, w_r), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(module.refocus_weight.grad, ref_w.grad, atol=1e-12, rtol=1e-12)
