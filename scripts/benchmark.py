@@ -2,7 +2,8 @@
 
 Both training setups live in ONE process and are timed in alternating blocks (A B A B ...) after warm-up, so drift
 (thermal, other load, allocator state) hits both alike; each number is the median over ``--repeats`` blocks of
-``--steps`` steps. A step is forward + cross-entropy + backward + SGD(momentum) step + ``zero_grad(set_to_none)``.
+``--steps`` steps. A step is forward + cross-entropy + backward + SGD(momentum) step + ``zero_grad(set_to_none)``,
+with the SGD `refconv-train` builds (``--sgd trainer``: the fused kernel where PyTorch has one).
 Peak training memory is measured per setup in a fresh process, this script re-run with ``--memory-child`` (CPU:
 growth of VmHWM over VmRSS from /proc/self/status; CUDA: ``torch.cuda.max_memory_allocated``), since a process's
 high-water mark cannot be reset.
@@ -28,9 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 from refconv_train import build_model, fuse_model, refocus_model  # noqa: E402
+from refconv_train.config import OptimConfig  # noqa: E402
+from refconv_train.trainer import build_sgd  # noqa: E402
 
 TRAIN_SETUPS = ("baseline", "refocus")
 EVAL_SETUPS = ("baseline", "refocus", "fused")
@@ -51,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per setup before the timed blocks")
     p.add_argument("--repeats", type=int, default=5, help="timed blocks per setup (median is reported)")
     p.add_argument("--map-k", type=int, default=3)
-    p.add_argument("--sgd", default="default", choices=("default", "foreach", "fused"),
-                   help="torch.optim.SGD implementation (default: PyTorch's choice for the device)")
+    p.add_argument("--sgd", default="trainer", choices=("trainer", "default", "foreach", "fused"),
+                   help="torch.optim.SGD implementation: trainer = what refconv-train builds (fused where PyTorch "
+                        "has the kernel); default = PyTorch's choice for the device")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's)")
     p.add_argument("--timer", default="wall", choices=("wall", "cpu"),
                    help="cpu: process CPU time instead of wall time (CPU only; robust on a shared machine with "
@@ -108,9 +113,12 @@ def autocast(args: argparse.Namespace):
 def train_step_fn(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """One training step as a closure: only ``requires_grad`` parameters (W_b is frozen) enter the optimizer."""
     model.train()
-    impl = {"foreach": dict(foreach=True), "fused": dict(fused=True)}.get(args.sgd, {})
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
-                          weight_decay=4e-5, **impl)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.sgd == "trainer":
+        opt = build_sgd(params, lr=0.01, optim=OptimConfig())  # the recipe: momentum 0.9, wd 4e-5
+    else:
+        impl = {"foreach": dict(foreach=True), "fused": dict(fused=True)}.get(args.sgd, {})
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=4e-5, **impl)
     scaler = torch.amp.GradScaler(args.device, enabled=args.amp == "fp16")
     fwd = torch.compile(model) if args.compile else model
 
@@ -168,6 +176,21 @@ def time_alternating(fns: dict[str, Callable[[], None]], steps: int, warmup: int
                 utils.append(cpu / (wall * torch.get_num_threads()))
                 out[name].append((cpu if timer == "cpu" else wall) / steps)
     return out, statistics.median(utils) if utils else None
+
+
+def forward_flops(model: nn.Module, args: argparse.Namespace, x: torch.Tensor) -> int:
+    """Conv and matmul FLOPs of one forward with autograd on (so a refocused model computes ``W_t``), counted by
+    torch's FlopCounterMode. Only the forward: its backward formula ignores conv groups (it counts mobilenetv2_100's
+    backward at 20x its forward), so the step estimate is derived in :func:`flop_floor`."""
+    with FlopCounterMode(display=False) as counter, autocast(args):
+        model(x)
+    return counter.get_total_flops()
+
+
+def flop_floor(base_forward: int, refocus_forward: int) -> float:
+    """Training FLOPs refocus / baseline: the network's step costs ~3 forwards (forward, input grads, weight grads);
+    the transform ``T = refocus - baseline`` costs 2 (forward and W_r's grad; the frozen W_b gets none)."""
+    return (3 * base_forward + 2 * (refocus_forward - base_forward)) / (3 * base_forward)
 
 
 # ----------------------------------------------------------------------------------------------- peak memory
@@ -228,6 +251,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         {"baseline": train_step_fn(base, args, x, y), "refocus": train_step_fn(refocused, args, x, y)},
         args.steps, args.warmup, args.repeats, args.device, args.timer)
 
+    flops = {"baseline": forward_flops(base, args, x), "refocus": forward_flops(refocused, args, x)}
+
     fused = copy.deepcopy(refocused)
     fuse_model(fused)
     fused_parametrized = sum(parametrize.is_parametrized(m) for m in fused.modules())
@@ -252,6 +277,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "fused_parametrized_modules": fused_parametrized,
         "refocus_params": n_refocus,
         "refocus_train_bytes": 3 * 4 * n_refocus,  # W_r + its grad + its momentum buffer, fp32
+        "forward_flops": flops, "flop_ratio": flop_floor(flops["baseline"], flops["refocus"]),
     }
     res["train_ratio"] = statistics.median(train["refocus"]) / statistics.median(train["baseline"])
     res["train_ratio_paired"] = statistics.median(r / b for r, b in zip(train["refocus"], train["baseline"]))
@@ -310,6 +336,10 @@ def format_table(r: dict) -> str:
         lines += [f"memory {k}: {v}" for k, v in r.get("memory_errors", {}).items()]
     lines.append(f"W_r: {r['refocus_params']:,} params; W_r + grad + momentum = 3 * 4 B * {r['refocus_params']:,} "
                  f"= {mib(r['refocus_train_bytes'])}")
+    flops = r["forward_flops"]
+    lines.append(f"forward FLOPs (conv + matmul): baseline {flops['baseline'] / 1e9:.2f} G, refocus "
+                 f"{flops['refocus'] / 1e9:.2f} G; training FLOPs ratio {r['flop_ratio']:.3f} (the train ratio's "
+                 f"floor at equal efficiency, before the optimizer's extra W_r traffic)")
     lines.append(f"fused model: {r['fused_parametrized_modules']} parametrized modules")
     util = r["cpu_util"]["train"]
     if util is not None and util < 0.85:

@@ -22,10 +22,13 @@ def test_benchmark_reports_ratios_memory_and_a_plain_fused_model(benchmark, tmp_
     result = benchmark.main(["--model", "mobilenetv2_050", "--img-size", "32", "--batch-size", "2", "--steps", "1",
                              "--warmup", "1", "--repeats", "2", "--threads", "1", "--json", str(out)])
     printed = capsys.readouterr().out
-    for text in ("refocus/baseline =", "fused/baseline =", "img/s", "W_r:", "peak of training"):
+    for text in ("refocus/baseline =", "fused/baseline =", "img/s", "W_r:", "peak of training", "FLOPs ratio"):
         assert text in printed, text
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["fused_parametrized_modules"] == 0
+    assert result["sgd"] == "trainer"
+    assert result["forward_flops"]["refocus"] > result["forward_flops"]["baseline"] > 0  # the transform is counted
+    assert result["flop_ratio"] > 1
     assert result["train_ratio"] > 0 and result["eval_ratio_fused"] > 0 and result["train_ratio_paired"] > 0
     assert set(result["train_img_s"]) == {"baseline", "refocus"}
     assert set(result["eval_img_s"]) == {"baseline", "refocus", "fused"}
