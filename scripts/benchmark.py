@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
-from refconv_train import build_model, fuse_model, refocus_model  # noqa: E402
+from refconv_train import Refocus, build_model, fuse_model, refocus_model  # noqa: E402
 from refconv_train.config import OptimConfig  # noqa: E402
 from refconv_train.trainer import build_sgd  # noqa: E402
 
@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sgd", default="trainer", choices=("trainer", "default", "foreach", "fused"),
                    help="torch.optim.SGD implementation: trainer = what refconv-train builds (fused where PyTorch "
                         "has the kernel); default = PyTorch's choice for the device")
+    p.add_argument("--dense-transform", default="auto", choices=("auto", "conv", "gemm"),
+                   help="dense convs' transform: grouped conv or GEMM on cached patches (auto: GEMM on CUDA only)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's)")
     p.add_argument("--timer", default="wall", choices=("wall", "cpu"),
                    help="cpu: process CPU time instead of wall time (CPU only; robust on a shared machine with "
@@ -241,9 +243,14 @@ def peak_training_memory(args: argparse.Namespace, setup: str) -> tuple[int | No
 
 
 # ----------------------------------------------------------------------------------------------- the benchmark
-def run_benchmark(args: argparse.Namespace) -> dict:
+def apply_settings(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
+    Refocus.dense_gemm = {"auto": None, "conv": False, "gemm": True}[args.dense_transform]
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    apply_settings(args)
     x, y = make_batch(args)
     base, _ = build(args, "baseline")
     refocused, n_refocus = build(args, "refocus")
@@ -268,6 +275,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "model": args.model, "device": args.device, "device_name": device_name(args.device),
         "threads": torch.get_num_threads(), "img_size": args.img_size, "batch_size": args.batch_size,
         "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile, "sgd": args.sgd,
+        "dense_transform": args.dense_transform,
         "timer": args.timer, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
         "torch": torch.__version__, "cpu_util": {"train": train_util, "eval": eval_util},
         "malloc_env": {k: os.environ.get(k) for k in MALLOC_VARS},
@@ -319,7 +327,8 @@ def format_table(r: dict) -> str:
     lines = [
         f"{r['model']} | {r['device']} ({r['device_name']}, {r['threads']} threads) | {r['img_size']} px, "
         f"batch {r['batch_size']} | amp={r['amp']} channels_last={r['channels_last']} compile={r['compile']} "
-        f"sgd={r['sgd']} | {r['timer']} time, median of {r['repeats']} blocks x {r['steps']} steps | {malloc}",
+        f"sgd={r['sgd']} dense_transform={r['dense_transform']} | {r['timer']} time, median of {r['repeats']} "
+        f"blocks x {r['steps']} steps | {malloc}",
         f"{'':6s} {'baseline':>15s} {'refocus':>15s} {'fused':>15s}  ratio (time)",
         f"{'train':6s} {ips('train_img_s', 'baseline')} {ips('train_img_s', 'refocus')} {'-':>15s}  "
         f"refocus/baseline = {r['train_ratio']:.3f} (paired blocks {r['train_ratio_paired']:.3f}, "
@@ -352,8 +361,7 @@ def format_table(r: dict) -> str:
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     if args.memory_child:
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        apply_settings(args)
         print(f"{MEMORY_TAG}{memory_child(args, args.memory_child)}")
         return None
     result = run_benchmark(args)

@@ -25,6 +25,10 @@ for m in ${BENCH_MODELS-mobilenetv2_100 resnet18}; do
   step "bench_$m" 150 $PY scripts/benchmark.py --device cuda --amp bf16 --channels-last --model $m \
     --img-size 224 --batch-size 128 --json "$OUT/bench_$m.json"
 done
+# the dense transform's two forms (auto = GEMM on cached patches on CUDA), resnet18 only
+[[ -n ${BENCH_MODELS-1} ]] && step bench_resnet18_denseconv 150 $PY scripts/benchmark.py --device cuda --amp bf16 \
+  --channels-last --model resnet18 --img-size 224 --batch-size 128 --dense-transform conv \
+  --json "$OUT/bench_resnet18_denseconv.json"
 [[ -n ${BENCH_COMPILE-1} ]] && step bench_mobilenetv2_100_compile 200 $PY scripts/benchmark.py --device cuda --amp bf16 --channels-last --compile \
   --model mobilenetv2_100 --img-size 224 --batch-size 128 --no-memory --json "$OUT/bench_mobilenetv2_100_compile.json"
 

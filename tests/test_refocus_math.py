@@ -118,3 +118,20 @@ def test_gemm_path_gradients_match_reference_under_row_blocking(c_in, c_out, gro
         torch.set_num_threads(previous)
     torch.testing.assert_close(out, refocus_transform(base, w_r), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(module.refocus_weight.grad, ref_w.grad, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dense_gemm", [False, True])
+def test_dense_convs_take_the_chosen_path_with_identical_results(dense_gemm, monkeypatch):
+    """Dense convs: grouped conv (CPU default) or GEMM on cached patches (CUDA default); both give the reference."""
+    monkeypatch.setattr(Refocus, "dense_gemm", dense_gemm)
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)
+    upstream = torch.randn(base.shape, generator=g, dtype=torch.float64)
+    module = Refocus(base.shape, 1, 3).to(torch.float64)
+    ref_w = module.refocus_weight.detach().clone().requires_grad_()
+    (refocus_transform(base, ref_w) * upstream).sum().backward()
+    out = module(base)
+    (out * upstream).sum().backward()
+    assert (module._patches is not None) == dense_gemm
+    torch.testing.assert_close(out, refocus_transform(base, ref_w.detach()), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(module.refocus_weight.grad, ref_w.grad, atol=1e-12, rtol=1e-12)
