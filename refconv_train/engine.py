@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .data import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from .distributed import all_reduce_sum
 from .errors import RefconvError
 
@@ -30,6 +31,8 @@ class StepSettings:
     channels_last: bool = False
     label_smoothing: float = 0.0
     max_nonfinite_skips: int = 0
+    mean: tuple[float, ...] = IMAGENET_MEAN  # of uint8 batches (normalize_images); float batches pass unchanged
+    std: tuple[float, ...] = IMAGENET_STD
 
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = AMP_DTYPES[self.amp]
@@ -38,9 +41,10 @@ class StepSettings:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy a batch to the device (``uint8`` images: a quarter of float32's bytes), then normalize it there."""
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         images = images.to(self.device, non_blocking=True, memory_format=fmt)
-        return images, targets.to(self.device, non_blocking=True)
+        return normalize_images(images, self.mean, self.std), targets.to(self.device, non_blocking=True)
 
 
 @dataclass

@@ -105,8 +105,8 @@ class Trainer:
     def _build_data(self) -> None:
         d, dist = self.cfg.data, self.dist
         root = Path(d.root)
-        train_tf = data_lib.build_transform(d.img_size, True, d.crop_pct, tuple(d.mean), tuple(d.std))
-        val_tf = data_lib.build_transform(d.img_size, False, d.crop_pct, tuple(d.mean), tuple(d.std))
+        train_tf = data_lib.build_transform(d.img_size, True, d.crop_pct)
+        val_tf = data_lib.build_transform(d.img_size, False, d.crop_pct)
         self.train_set = data_lib.build_dataset(root, d.train_split, train_tf, self.cfg.model.num_classes,
                                                 d.on_bad_image)
         self.val_set = data_lib.build_dataset(root, d.val_split, val_tf, self.cfg.model.num_classes, d.on_bad_image)
@@ -149,7 +149,8 @@ class Trainer:
         self.settings = StepSettings(device=dev, amp=cfg.train.amp, accum_steps=o.accum_steps,
                                      clip_grad_norm=o.clip_grad_norm, channels_last=cfg.train.channels_last,
                                      label_smoothing=o.label_smoothing,
-                                     max_nonfinite_skips=cfg.train.max_nonfinite_skips)
+                                     max_nonfinite_skips=cfg.train.max_nonfinite_skips,
+                                     mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
 
     # --------------------------------------------------------------------------------------------- state
     def _state(self, epoch: int, step_in_epoch: int) -> dict:

@@ -1,7 +1,9 @@
 """Trainer and data-pipeline throughput, side by side in one process (issue 6).
 
 1. Decoded + augmented images/s of ONE data-loading worker (the paper's train transform at --img-size), from JPEGs of
-   ImageNet-like size (generated, --src-size px): multiply by data.workers for what a node's loader can feed.
+   ImageNet-like size (generated, --src-size px): multiply by data.workers for what a node's loader can feed. Side
+   by side, alternating: ours (torchvision.io decode, v2 transforms on uint8, normalization left to the device) and
+   the classic one (PIL decode, v1 transforms, ToTensor + Normalize in the worker).
 2. Training images/s of ``refconv_train.engine.train_one_epoch`` (what ``refconv-train`` runs: finiteness checks,
    loss bookkeeping, progress bar, per-step LR, step hooks) against a bare loop (forward, backward, SGD step) over
    the same model, DataLoader and batch, alternating blocks; reports the ratio.
@@ -21,31 +23,46 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refconv_train import build_model, refocus_model  # noqa: E402
 from refconv_train.config import OptimConfig  # noqa: E402
-from refconv_train.data import build_dataset, build_loader, build_transform  # noqa: E402
+from refconv_train.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_loader, build_transform  # noqa: E402
 from refconv_train.demo_data import make_demo_data  # noqa: E402
 from refconv_train.engine import StepSettings, train_one_epoch  # noqa: E402
 from refconv_train.trainer import build_scheduler  # noqa: E402
 
 
-def decode_rate(dataset, n: int) -> float:
-    """Images/s of __getitem__ (decode + augment) in this one process: one worker's rate."""
-    keys = [(i % len(dataset), i) for i in range(n)]  # (index, augmentation seed), as the train sampler yields
-    dataset[keys[0]]
-    t0 = time.perf_counter()
-    for k in keys:
-        dataset[k]
-    return n / (time.perf_counter() - t0)
+def decode_rates(datasets: dict, n: int, repeats: int = 3) -> dict[str, float]:
+    """Images/s of each dataset's __getitem__ (decode + augment) in this one process (one worker's rate): the
+    median over ``repeats`` alternating blocks of ``n`` images."""
+    rates: dict[str, list[float]] = {name: [] for name in datasets}
+    for ds in datasets.values():
+        ds[0]
+    for r in range(repeats):
+        for name, ds in datasets.items():
+            t0 = time.perf_counter()
+            for i in range(n):
+                ds[(i + r * n) % len(ds)]
+            rates[name].append(n / (time.perf_counter() - t0))
+    return {name: statistics.median(v) for name, v in rates.items()}
 
 
-def bare_loop(model, batches, optimizer, device) -> int:
+def classic_dataset(root: Path, img_size: int) -> ImageFolder:
+    """The pipeline most ImageNet scripts use (and this project did before): PIL, v1 transforms, float output."""
+    bilinear = T.InterpolationMode.BILINEAR
+    tf = T.Compose([T.RandomResizedCrop(img_size, interpolation=bilinear), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return ImageFolder(str(root / "train"), transform=tf)
+
+
+def bare_loop(model, batches, optimizer, settings) -> int:
     images = 0
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
+        x, y = settings.to_device(x, y)  # copy + normalize on the device, as every loop must now
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -78,9 +95,11 @@ def main(argv=None) -> int:
         root = make_demo_data(Path(tmp) / "d", num_classes=10, train_per_class=40, val_per_class=2,
                               size=args.src_size)
         dataset = build_dataset(root, "train", build_transform(args.img_size, True), 10)
-        per_worker = decode_rate(dataset, args.decode_images)
+        rates = decode_rates({"ours": dataset, "classic": classic_dataset(root, args.img_size)}, args.decode_images)
+        per_worker = rates["ours"]
         print(f"data: {per_worker:.1f} decoded+augmented img/s per worker ({args.src_size}px JPEG -> "
-              f"{args.img_size}px train transform)")
+              f"{args.img_size}px train transform); classic PIL + ToTensor/Normalize pipeline {rates['classic']:.1f} "
+              f"img/s, ratio {per_worker / rates['classic']:.2f}")
 
         model = build_model(args.model, num_classes=10).to(device)
         if args.refocus:
@@ -99,14 +118,14 @@ def main(argv=None) -> int:
 
         stream = batches()
         model.train()
-        bare_loop(model, take(stream, 2), optimizer, device)  # warm-up: workers started, allocator warm
+        bare_loop(model, take(stream, 2), optimizer, settings)  # warm-up: workers started, allocator warm
         times = {"bare": [], "trainer": []}
         step = 0
         for _ in range(args.repeats):
             for name in ("bare", "trainer"):
                 t0 = time.perf_counter()
                 if name == "bare":
-                    n = bare_loop(model, take(stream, args.steps), optimizer, device)
+                    n = bare_loop(model, take(stream, args.steps), optimizer, settings)
                 else:
                     stats = train_one_epoch(model, take(stream, args.steps), optimizer, scheduler,
                                             torch.amp.GradScaler(device.type, enabled=False), settings, epoch=0,
@@ -122,7 +141,9 @@ def main(argv=None) -> int:
               f"ratio {trainer / bare:.3f} ({args.model}{' refocused' if args.refocus else ''}, "
               f"batch {args.batch_size}, {args.img_size}px, {args.workers} workers, {args.device})")
         if args.json:
-            Path(args.json).write_text(json.dumps({"decode_img_per_s_per_worker": per_worker, "bare_img_per_s": bare,
+            Path(args.json).write_text(json.dumps({"decode_img_per_s_per_worker": per_worker,
+                                                   "classic_decode_img_per_s_per_worker": rates["classic"],
+                                                   "bare_img_per_s": bare,
                                                    "trainer_img_per_s": trainer, "ratio": trainer / bare,
                                                    "args": vars(args)}, indent=2))
     return 0

@@ -36,3 +36,18 @@ def test_benchmark_reports_ratios_memory_and_a_plain_fused_model(benchmark, tmp_
     mem = result["peak_memory_bytes"]
     assert not result.get("memory_errors"), result.get("memory_errors")
     assert mem["baseline"] > 0 and mem["refocus"] > 0 and result["memory_ratio"] > 0
+
+
+def test_pipeline_benchmark_reports_decode_rate_and_trainer_ratio(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("refconv_bench_pipeline", SCRIPT.parent / "bench_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "pipe.json"
+    assert module.main(["--model", "resnet10t", "--img-size", "32", "--src-size", "64", "--batch-size", "4",
+                        "--workers", "0", "--steps", "1", "--repeats", "1", "--decode-images", "4",
+                        "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "decoded+augmented img/s per worker" in printed and "refconv-train engine" in printed
+    result = json.loads(out.read_text())
+    assert result["decode_img_per_s_per_worker"] > 0 and result["classic_decode_img_per_s_per_worker"] > 0
+    assert result["ratio"] > 0

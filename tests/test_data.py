@@ -17,6 +17,7 @@ from refconv_train.data import (
     build_dataset,
     build_loader,
     build_transform,
+    normalize_images,
 )
 from refconv_train.demo_data import class_names, make_demo_data
 from refconv_train.errors import RefconvError
@@ -64,7 +65,7 @@ def test_demo_data_has_expected_classes_and_counts(demo: Path) -> None:
         assert len(ds) == 10 * per_class
         assert all(ds.targets.count(c) == per_class for c in range(10))
         image, _ = ds[0]
-        assert image.size == (64, 64) and image.mode == "RGB"
+        assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
     assert (demo / "spec.json").is_file()
 
 
@@ -93,7 +94,7 @@ def test_demo_data_is_learnable_by_a_tiny_cnn(demo: Path) -> None:
     def tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         ds = build_dataset(demo, split, build_transform(32, train=False), num_classes=10)
         images, targets = zip(*(ds[i] for i in range(len(ds))), strict=True)
-        return torch.stack(images), torch.tensor(targets)
+        return normalize_images(torch.stack(images)), torch.tensor(targets)
 
     xt, yt = tensors("train")
     xv, yv = tensors("val")
@@ -138,13 +139,12 @@ def test_make_demo_data_script_skips_when_up_to_date(tmp_path: Path, capsys: pyt
 def test_transforms_give_the_requested_size(demo: Path, train: bool, img_size: int) -> None:
     ds = build_dataset(demo, "val", build_transform(img_size, train=train))
     image, _ = ds[3]
-    assert image.shape == (3, img_size, img_size) and image.dtype == torch.float32
-    assert -3 < image.mean() < 3  # normalized, not 0..255
+    assert image.shape == (3, img_size, img_size) and image.dtype == torch.uint8  # normalized on the device
 
 
 def test_eval_transform_resizes_shorter_side_by_crop_pct() -> None:
     resize = build_transform(224, train=False).transforms[0]
-    assert resize.size == 256
+    assert resize.size == [256]
     with pytest.raises(RefconvError):
         build_transform(224, train=False, crop_pct=0)
 
@@ -272,3 +272,44 @@ def test_loader_with_workers_is_reproducible_for_a_seed(small: Path) -> None:
     for (xa, ya), (xb, yb) in zip(first, second, strict=True):
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
     assert not all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(first, other, strict=True))
+
+
+@pytest.mark.parametrize("torchvision_io", [True, False])
+def test_images_decode_to_rgb_uint8_whatever_the_format(tmp_path: Path, monkeypatch, torchvision_io: bool) -> None:
+    """torchvision.io for JPEG/PNG (grayscale, CMYK and alpha converted to RGB), PIL for the rest (BMP) and for
+    everything once torchvision drops its (deprecated) decoders."""
+    from PIL import Image
+
+    from refconv_train import data as data_lib
+    from refconv_train.data import read_image
+
+    if not torchvision_io:
+        monkeypatch.setattr(data_lib, "decode_image", None)
+
+    rgb = Image.new("RGB", (20, 10), (200, 30, 60))
+    files = {
+        "rgb.jpg": rgb, "cmyk.jpg": rgb.convert("CMYK"), "gray.png": rgb.convert("L"),
+        "alpha.png": rgb.convert("RGBA"), "pic.bmp": rgb, "upper.JPEG": rgb,
+    }
+    for name, image in files.items():
+        image.save(tmp_path / name)
+        decoded = read_image(str(tmp_path / name))
+        assert decoded.shape == (3, 10, 20) and decoded.dtype == torch.uint8, name
+        expected = torch.tensor(image.convert("RGB").getpixel((5, 5)), dtype=torch.float)
+        assert (decoded[:, 5, 5].float() - expected).abs().max() <= 8, name  # JPEG is lossy
+
+
+def test_batches_are_normalized_on_the_device_float_batches_pass_through() -> None:
+    from refconv_train.data import IMAGENET_MEAN, IMAGENET_STD
+    from refconv_train.engine import StepSettings
+
+    images = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    expected = (images.float() / 255 - mean) / std
+    torch.testing.assert_close(normalize_images(images), expected)
+    settings = StepSettings(device=torch.device("cpu"), channels_last=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    out, targets = settings.to_device(images, torch.tensor([1, 2]))
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, images.float() / 127.5 - 1)
+    already = torch.randn(2, 3, 5, 5)
+    assert settings.to_device(already, targets)[0].equal(already)

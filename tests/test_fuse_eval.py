@@ -49,7 +49,7 @@ def _one_thread():
 def val_images(tiny_runs: TinyRuns) -> torch.Tensor:
     """Every demo val image, transformed as refconv-eval does."""
     dataset = data_lib.build_dataset(tiny_runs.data, "val", data_lib.build_transform(TINY_SIZE, False))
-    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return data_lib.normalize_images(torch.stack([dataset[i][0] for i in range(len(dataset))]))
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     crop_pct = args.crop_pct or (cfg.data.crop_pct if cfg else 0.875)
     mean, std = (tuple(cfg.data.mean), tuple(cfg.data.std)) if cfg else (data_lib.IMAGENET_MEAN,
                                                                          data_lib.IMAGENET_STD)
-    transform = data_lib.build_transform(img_size, False, crop_pct, mean, std)
+    transform = data_lib.build_transform(img_size, False, crop_pct)
     dataset = data_lib.build_dataset(args.data, args.split, transform, restored.num_classes)
     loader = data_lib.build_loader(dataset, args.batch_size, train=False, workers=args.workers,
                                    distributed=dist.distributed, rank=dist.rank, world_size=dist.world_size,
@@ -51,7 +51,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     model = restored.model.to(dist.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    settings = StepSettings(device=dist.device, amp=args.amp, channels_last=args.channels_last)
+    settings = StepSettings(device=dist.device, amp=args.amp, channels_last=args.channels_last, mean=mean, std=std)
     result = evaluate(model, loader, settings, show_progress=dist.is_main)
     out = {"top1": result.top1, "top5": result.top5, "loss": result.loss, "images": result.images,
            "img_per_s": result.images_per_second, "model": restored.arch, "kind": restored.kind,
