@@ -16,6 +16,7 @@ from tqdm import tqdm
 from .data import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from .distributed import all_reduce_sum
 from .errors import RefconvError
+from .per_step import PerStepTransform
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -79,6 +80,7 @@ def train_one_epoch(
     show_progress: bool = True,
     on_step: Callable[[int, int, Callable[[], None]], bool] | None = None,
     nan_at_step: int = -1,
+    transform: PerStepTransform | None = None,
 ) -> EpochStats:
     """One pass over ``batches`` (micro-batches; ``accum_steps`` of them make one optimizer step).
 
@@ -87,6 +89,7 @@ def train_one_epoch(
     The loss is checked for NaN/Inf every step without a host sync: the flags are read every 10 steps (every step on
     CPU, where syncing is free) and whenever ``flush()`` is called (before writing a checkpoint: it must never hold
     weights updated with a non-finite loss). ``nan_at_step``: test-only fault injection (global step).
+    ``transform``: a refocused model's :class:`PerStepTransform` (W_t once per optimizer step).
     """
     model.train()
     accum = settings.accum_steps
@@ -106,12 +109,14 @@ def train_one_epoch(
     stopped = False
     # The bar is closed on errors too: an error message must not land on the bar's line.
     with tqdm(total=total_steps, initial=start_step, desc=f"epoch {epoch}", disable=not show_progress,
-              dynamic_ncols=True, leave=False) as bar:
+              dynamic_ncols=True, leave=False) as bar, _cleared(transform):
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         for i, (x, y) in enumerate(batches):
             x, y = settings.to_device(x, y)
             last_micro = (i + 1) % accum == 0
+            if transform is not None and i % accum == 0:
+                transform.begin()
             sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with settings.autocast():
@@ -120,6 +125,8 @@ def train_one_epoch(
                     loss = loss * math.nan
                     nan_at_step = -1  # once: a skipped step is retried with the next batch
                 scaler.scale(loss / accum).backward()
+            if transform is not None and last_micro:
+                transform.finish()  # W_r's gradients (all-reduced) before the finiteness check, clipping and step
             loss = loss.detach()
             finite = torch.isfinite(loss)
             loss_sum += torch.where(finite, loss, 0.0)
@@ -163,6 +170,16 @@ def train_one_epoch(
     return EpochStats(loss=total_loss / max(total_count, 1), images=int(total_images), seconds=seconds,
                       steps=step - start_step, lr=optimizer.param_groups[0]["lr"], nonfinite_skips=skips,
                       stopped=stopped)
+
+
+@contextlib.contextmanager
+def _cleared(transform: PerStepTransform | None):
+    """A step left unfinished (error, early stop, epoch end mid-accumulation) must not leave W_t pinned."""
+    try:
+        yield
+    finally:
+        if transform is not None:
+            transform.clear()
 
 
 def _check_finite(flags: list[tuple[int, torch.Tensor]], epoch: int, lr: float, skips_left: int) -> int:

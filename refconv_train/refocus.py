@@ -161,6 +161,7 @@ class Refocus(nn.Module):
         init_refocus_weight(self.refocus_weight, init)
         self._patches: tuple[tuple, torch.Tensor] | None = None
         self._eval_weight: tuple[tuple, torch.Tensor] | None = None
+        self.step_weight: torch.Tensor | None = None  # set by PerStepTransform for the micro-batches of one step
 
     @classmethod
     def from_weight(cls, refocus_weight: torch.Tensor) -> Refocus:
@@ -171,6 +172,8 @@ class Refocus(nn.Module):
         return p
 
     def forward(self, base: torch.Tensor) -> torch.Tensor:
+        if self.step_weight is not None:
+            return self.step_weight
         w_r = self.refocus_weight
         if not torch.is_grad_enabled():
             key = _cache_key(base, w_r)
@@ -322,7 +325,7 @@ def _refocus_conv(name: str, conv: nn.Conv2d, map_k: int, init: str, base: str, 
         with torch.no_grad():
             nn.init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
     shape = tuple(conv.weight.shape)
-    p = Refocus(conv.weight.shape, conv.groups, map_k, init).to(conv.weight.device)
+    p = Refocus(conv.weight.shape, conv.groups, map_k, init).to(conv.weight.device, conv.weight.dtype)
     parametrize.register_parametrization(conv, "weight", p)
     conv.parametrizations.weight.original.requires_grad_(base == "trainable")
     return RefocusedLayer(name, conv_kind(conv), tuple(conv.kernel_size), shape, tuple(p.refocus_weight.shape))

@@ -26,6 +26,7 @@ from .errors import RefconvError
 from .faults import Fault
 from .fusing import fuse_and_verify, fused_outputs, write_fused
 from .models import CHECKPOINT_FORMAT, build_model
+from .per_step import PerStepTransform
 from .refocus import refocus_model
 
 log = logging.getLogger("refconv_train")
@@ -140,6 +141,12 @@ class Trainer:
         self.optimizer = build_sgd(self.params, self.lr, o)
         self.scheduler = build_scheduler(self.optimizer, o, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.train.amp == "fp16")
+        self.transform = None
+        if self.report is not None and cfg.refocus.per_step_transform and not cfg.train.compile:
+            self.transform = PerStepTransform(model, distributed=self.dist.distributed)
+            if self.dist.distributed:  # W_r's gradients come from the transform, already averaged over ranks
+                PerStepTransform.exclude_from_ddp(model)
+                self.transform.broadcast()
         wrapped: nn.Module = model
         if self.dist.distributed:
             wrapped = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -297,6 +304,7 @@ class Trainer:
                 self.wrapped, batches, self.optimizer, self.scheduler, self.scaler, self.settings, epoch=epoch,
                 global_step=self.global_step, world_size=dist.world_size, total_steps=self.steps_per_epoch,
                 start_step=start_step, show_progress=dist.is_main, nan_at_step=self.fault.nan_step,
+                transform=self.transform,
                 on_step=lambda step, gstep, flush, e=epoch: self._on_step(e, step, gstep, flush))
             self.global_step = epoch_start_global + stats.steps
             if stats.stopped:

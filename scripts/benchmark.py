@@ -34,9 +34,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 from refconv_train import Refocus, build_model, fuse_model, refocus_model  # noqa: E402
 from refconv_train.config import OptimConfig  # noqa: E402
+from refconv_train.per_step import PerStepTransform  # noqa: E402
 from refconv_train.trainer import build_sgd  # noqa: E402
 
-TRAIN_SETUPS = ("baseline", "refocus")
+TRAIN_SETUPS = ("baseline", "refocus", "refocus_per_step")
 EVAL_SETUPS = ("baseline", "refocus", "fused")
 MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 MEMORY_TAG = "peak_memory_bytes="
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each model (warm-up then includes compiling)")
     p.add_argument("--steps", type=int, default=4, help="steps per timed block")
+    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches of --batch-size per optimizer step")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per setup before the timed blocks")
     p.add_argument("--repeats", type=int, default=5, help="timed blocks per setup (median is reported)")
     p.add_argument("--map-k", type=int, default=3)
@@ -76,18 +78,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device cuda: no CUDA device is available")
     if args.timer == "cpu" and args.device != "cpu":
         p.error("--timer cpu needs --device cpu")
-    if min(args.steps, args.repeats) < 1 or args.warmup < 0:
-        p.error("--steps and --repeats must be >= 1, --warmup >= 0")
+    if min(args.steps, args.repeats, args.accum_steps) < 1 or args.warmup < 0:
+        p.error("--steps, --repeats and --accum-steps must be >= 1, --warmup >= 0")
     return args
 
 
 # ----------------------------------------------------------------------------------------------- building blocks
 def build(args: argparse.Namespace, setup: str) -> tuple[nn.Module, int]:
-    """The ``baseline`` or ``refocus`` model (same seed: identical base weights); returns it and W_r's size."""
+    """The ``baseline`` or refocused model (same seed: identical base weights); returns it and W_r's size."""
     torch.manual_seed(0)
     model = build_model(args.model, num_classes=1000)
     n_refocus = 0
-    if setup == "refocus":
+    if setup != "baseline":
         n_refocus = refocus_model(model, map_k=args.map_k, init="xavier").refocus_params
     return to_device(model, args), n_refocus
 
@@ -112,8 +114,10 @@ def autocast(args: argparse.Namespace):
     return torch.autocast(args.device, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
 
 
-def train_step_fn(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One training step as a closure: only ``requires_grad`` parameters (W_b is frozen) enter the optimizer."""
+def train_step_fn(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor,
+                  per_step: bool = False) -> Callable[[], None]:
+    """One training step as a closure (``--accum-steps`` micro-batches): only ``requires_grad`` parameters (W_b is
+    frozen) enter the optimizer. ``per_step``: W_t once per step (PerStepTransform), as refconv-train does."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if args.sgd == "trainer":
@@ -124,10 +128,17 @@ def train_step_fn(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, y
     scaler = torch.amp.GradScaler(args.device, enabled=args.amp == "fp16")
     fwd = torch.compile(model) if args.compile else model
 
+    transform = PerStepTransform(model) if per_step else None
+
     def step() -> None:
-        with autocast(args):
-            loss = F.cross_entropy(fwd(x), y)
-        scaler.scale(loss).backward()
+        if transform:
+            transform.begin()
+        for _ in range(args.accum_steps):
+            with autocast(args):
+                loss = F.cross_entropy(fwd(x), y) / args.accum_steps
+            scaler.scale(loss).backward()
+        if transform:
+            transform.finish()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -218,7 +229,7 @@ def memory_child(args: argparse.Namespace, setup: str) -> int:
         if start is None:
             raise RuntimeError("no /proc/self/status (not Linux): CPU peak memory is not measured")
         start *= 1024
-    step = train_step_fn(build(args, setup)[0], args, x, y)
+    step = train_step_fn(build(args, setup)[0], args, x, y, per_step=setup == "refocus_per_step")
     for _ in range(3):  # the 2nd step adds momentum buffers, the 3rd shows the steady state
         step()
     if args.device == "cuda":
@@ -254,9 +265,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     x, y = make_batch(args)
     base, _ = build(args, "baseline")
     refocused, n_refocus = build(args, "refocus")
+    per_step, _ = build(args, "refocus_per_step")
     train, train_util = time_alternating(
-        {"baseline": train_step_fn(base, args, x, y), "refocus": train_step_fn(refocused, args, x, y)},
+        {"baseline": train_step_fn(base, args, x, y), "refocus": train_step_fn(refocused, args, x, y),
+         "refocus_per_step": train_step_fn(per_step, args, x, y, per_step=True)},
         args.steps, args.warmup, args.repeats, args.device, args.timer)
+    del per_step
 
     flops = {"baseline": forward_flops(base, args, x), "refocus": forward_flops(refocused, args, x)}
 
@@ -268,8 +282,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
          "fused": eval_step_fn(fused, args, x)},
         args.steps, max(args.warmup, 1), args.repeats, args.device, args.timer)
 
-    def throughput(times: list[float]) -> float:
-        return args.batch_size / statistics.median(times)
+    def throughput(times: list[float], micro_batches: int = 1) -> float:
+        return args.batch_size * micro_batches / statistics.median(times)
 
     res: dict = {
         "model": args.model, "device": args.device, "device_name": device_name(args.device),
@@ -280,7 +294,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "torch": torch.__version__, "cpu_util": {"train": train_util, "eval": eval_util},
         "malloc_env": {k: os.environ.get(k) for k in MALLOC_VARS},
         "train_s_per_step": train, "eval_s_per_step": evals,
-        "train_img_s": {k: throughput(v) for k, v in train.items()},
+        "accum_steps": args.accum_steps,
+        "train_img_s": {k: throughput(v, args.accum_steps) for k, v in train.items()},
         "eval_img_s": {k: throughput(v) for k, v in evals.items()},
         "fused_parametrized_modules": fused_parametrized,
         "refocus_params": n_refocus,
@@ -290,6 +305,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     res["train_ratio"] = statistics.median(train["refocus"]) / statistics.median(train["baseline"])
     res["train_ratio_paired"] = statistics.median(r / b for r, b in zip(train["refocus"], train["baseline"]))
     res["train_ratio_best"] = min(train["refocus"]) / min(train["baseline"])  # fastest blocks: least disturbed
+    res["train_ratio_per_step"] = statistics.median(train["refocus_per_step"]) / statistics.median(train["baseline"])
     res["eval_ratio_refocus"] = statistics.median(evals["refocus"]) / statistics.median(evals["baseline"])
     res["eval_ratio_fused"] = statistics.median(evals["fused"]) / statistics.median(evals["baseline"])
     if not args.no_memory:
@@ -299,7 +315,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             if err:
                 errors[setup] = err
         mem = res["peak_memory_bytes"]
-        res["memory_ratio"] = mem["refocus"] / mem["baseline"] if None not in mem.values() else None
+        known = None not in mem.values()
+        res["memory_ratio"] = mem["refocus"] / mem["baseline"] if known else None
+        res["memory_ratio_per_step"] = mem["refocus_per_step"] / mem["baseline"] if known else None
         if errors:
             res["memory_errors"] = errors
     return res
@@ -326,13 +344,16 @@ def format_table(r: dict) -> str:
     malloc = " ".join(f"{k}={v}" for k, v in r["malloc_env"].items() if v) or "default glibc malloc"
     lines = [
         f"{r['model']} | {r['device']} ({r['device_name']}, {r['threads']} threads) | {r['img_size']} px, "
-        f"batch {r['batch_size']} | amp={r['amp']} channels_last={r['channels_last']} compile={r['compile']} "
+        f"batch {r['batch_size']} x {r['accum_steps']} micro-batches | amp={r['amp']} "
+        f"channels_last={r['channels_last']} compile={r['compile']} "
         f"sgd={r['sgd']} dense_transform={r['dense_transform']} | {r['timer']} time, median of {r['repeats']} "
         f"blocks x {r['steps']} steps | {malloc}",
         f"{'':6s} {'baseline':>15s} {'refocus':>15s} {'fused':>15s}  ratio (time)",
         f"{'train':6s} {ips('train_img_s', 'baseline')} {ips('train_img_s', 'refocus')} {'-':>15s}  "
         f"refocus/baseline = {r['train_ratio']:.3f} (paired blocks {r['train_ratio_paired']:.3f}, "
         f"fastest blocks {r['train_ratio_best']:.3f})",
+        f"{'train*':6s} {'':>15s} {ips('train_img_s', 'refocus_per_step')} {'-':>15s}  "
+        f"refocus/baseline = {r['train_ratio_per_step']:.3f} (* W_t once per step: what refconv-train runs)",
         f"{'eval':6s} {ips('eval_img_s', 'baseline')} {ips('eval_img_s', 'refocus')} {ips('eval_img_s', 'fused')}  "
         f"fused/baseline = {r['eval_ratio_fused']:.3f} (refocus/baseline {r['eval_ratio_refocus']:.3f})",
     ]
@@ -342,6 +363,9 @@ def format_table(r: dict) -> str:
         kind = "torch.cuda.max_memory_allocated" if r["device"] == "cuda" else "VmHWM growth, fresh process"
         lines.append(f"{'memory':6s} {mib(mem['baseline']):>15s} {mib(mem['refocus']):>15s} {'-':>15s}  "
                      f"refocus/baseline = {ratio} (peak of training, {kind})")
+        ratio = "n/a" if r["memory_ratio_per_step"] is None else f"{r['memory_ratio_per_step']:.3f}"
+        lines.append(f"{'memory*':7s}{'':>15s} {mib(mem['refocus_per_step']):>15s} {'-':>15s}  "
+                     f"refocus/baseline = {ratio}")
         lines += [f"memory {k}: {v}" for k, v in r.get("memory_errors", {}).items()]
     lines.append(f"W_r: {r['refocus_params']:,} params; W_r + grad + momentum = 3 * 4 B * {r['refocus_params']:,} "
                  f"= {mib(r['refocus_train_bytes'])}")

@@ -20,7 +20,8 @@ def benchmark():
 def test_benchmark_reports_ratios_memory_and_a_plain_fused_model(benchmark, tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = benchmark.main(["--model", "mobilenetv2_050", "--img-size", "32", "--batch-size", "2", "--steps", "1",
-                             "--warmup", "1", "--repeats", "2", "--threads", "1", "--json", str(out)])
+                             "--warmup", "1", "--repeats", "2", "--threads", "1", "--accum-steps", "2",
+                             "--json", str(out)])
     printed = capsys.readouterr().out
     for text in ("refocus/baseline =", "fused/baseline =", "img/s", "W_r:", "peak of training", "FLOPs ratio"):
         assert text in printed, text
@@ -30,7 +31,8 @@ def test_benchmark_reports_ratios_memory_and_a_plain_fused_model(benchmark, tmp_
     assert result["forward_flops"]["refocus"] > result["forward_flops"]["baseline"] > 0  # the transform is counted
     assert result["flop_ratio"] > 1
     assert result["train_ratio"] > 0 and result["eval_ratio_fused"] > 0 and result["train_ratio_paired"] > 0
-    assert set(result["train_img_s"]) == {"baseline", "refocus"}
+    assert set(result["train_img_s"]) == {"baseline", "refocus", "refocus_per_step"}
+    assert result["train_ratio_per_step"] > 0 and result["memory_ratio_per_step"] > 0
     assert set(result["eval_img_s"]) == {"baseline", "refocus", "fused"}
     assert result["refocus_params"] > 0 and result["refocus_train_bytes"] == 12 * result["refocus_params"]
     mem = result["peak_memory_bytes"]

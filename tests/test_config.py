@@ -32,6 +32,7 @@ def test_defaults_match_design():
     assert d["model"] == {"name": "mobilenetv2_100", "num_classes": 1000, "pretrained": True, "kwargs": {}}
     assert d["refocus"] == {
         "enabled": True, "map_k": 3, "init": "xavier", "exclude": [], "base": "frozen", "base_init": "pretrained",
+        "per_step_transform": True,
     }
     data = d["data"]
     assert (data["root"], data["img_size"], data["batch_size"], data["workers"]) == ("imagenet/", 224, 256, 8)

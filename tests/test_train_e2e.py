@@ -99,6 +99,31 @@ def test_run_stopped_after_an_epoch_and_resumed_matches_a_straight_run(data_root
     assert len(rows) == 3  # header + one row per epoch, across the restart
 
 
+def test_per_step_transform_computes_w_t_once_per_step_with_plain_autograds_gradients(data_root, tmp_path,
+                                                                                    monkeypatch):
+    """Default: W_t once per optimizer step, not per micro-batch (counted), and the same update as autograd through
+    the transform per micro-batch (compared after one step: later steps of this tiny from-scratch model are chaotic,
+    BN over 4 images of 1x1 maps, and amplify float rounding, 1e-7, to anything)."""
+    from refconv_train.refocus import Refocus
+
+    computed = []
+    compute = Refocus._compute
+    monkeypatch.setattr(Refocus, "_compute", lambda self, *a: computed.append(torch.is_grad_enabled()) or
+                        compute(self, *a))
+    runs, counts = {flag: tmp_path / flag for flag in ("true", "false")}, {}
+    for flag, out in runs.items():
+        computed.clear()
+        assert train_main(args(data_root, out, "optim.accum_steps=2", "optim.warmup_epochs=0",
+                               "train.max_steps_per_epoch=1", f"refocus.per_step_transform={flag}")) == 0
+        counts[flag] = sum(computed)  # with autograd on; evaluation computes W_t once, cached, without
+    layers = 18  # mobilenetv2_050's refocused convs; parametrize computes each W_t once when registering it
+    assert counts == {"true": layers + layers, "false": layers + 2 * layers}  # one step of 2 micro-batches
+    a, b = load(runs["true"] / "last.pth")["model"], load(runs["false"] / "last.pth")["model"]
+    assert any(k.endswith(REFOCUS_KEY) for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_two_process_ddp_on_cpu_trains_and_counts_each_val_image_once(data_root, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
