@@ -191,6 +191,15 @@ def time_alternating(fns: dict[str, Callable[[], None]], steps: int, warmup: int
     return out, statistics.median(utils) if utils else None
 
 
+def ddp_reduced_values(model: nn.Module, per_step: bool) -> int:
+    """Gradient values DDP all-reduces per step: every trainable parameter, or, with PerStepTransform, the
+    transform's outputs (kernel-sized dL/dW_t) in place of its trainable inputs (W_r)."""
+    if not per_step:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plain = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".parametrizations." not in n)
+    return plain + sum(base.numel() for _, base in PerStepTransform(model).layers)
+
+
 def forward_flops(model: nn.Module, args: argparse.Namespace, x: torch.Tensor) -> int:
     """Conv and matmul FLOPs of one forward with autograd on (so a refocused model computes ``W_t``), counted by
     torch's FlopCounterMode. Only the forward: its backward formula ignores conv groups (it counts mobilenetv2_100's
@@ -273,6 +282,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     del per_step
 
     flops = {"baseline": forward_flops(base, args, x), "refocus": forward_flops(refocused, args, x)}
+    reduced = {"baseline": ddp_reduced_values(base, False), "refocus": ddp_reduced_values(refocused, False),
+               "refocus_per_step": ddp_reduced_values(refocused, True)}
 
     fused = copy.deepcopy(refocused)
     fuse_model(fused)
@@ -301,6 +312,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "refocus_params": n_refocus,
         "refocus_train_bytes": 3 * 4 * n_refocus,  # W_r + its grad + its momentum buffer, fp32
         "forward_flops": flops, "flop_ratio": flop_floor(flops["baseline"], flops["refocus"]),
+        "ddp_reduced_values": reduced,
     }
     res["train_ratio"] = statistics.median(train["refocus"]) / statistics.median(train["baseline"])
     res["train_ratio_paired"] = statistics.median(r / b for r, b in zip(train["refocus"], train["baseline"]))
@@ -373,6 +385,9 @@ def format_table(r: dict) -> str:
     lines.append(f"forward FLOPs (conv + matmul): baseline {flops['baseline'] / 1e9:.2f} G, refocus "
                  f"{flops['refocus'] / 1e9:.2f} G; training FLOPs ratio {r['flop_ratio']:.3f} (the train ratio's "
                  f"floor at equal efficiency, before the optimizer's extra W_r traffic)")
+    red = r["ddp_reduced_values"]
+    lines.append(f"DDP all-reduce per step: baseline {red['baseline']:,} values, refocus {red['refocus']:,} "
+                 f"(W_r's gradients), refocus* {red['refocus_per_step']:,} (dL/dW_t instead)")
     lines.append(f"fused model: {r['fused_parametrized_modules']} parametrized modules")
     util = r["cpu_util"]["train"]
     if util is not None and util < 0.85:

@@ -33,6 +33,8 @@ def test_benchmark_reports_ratios_memory_and_a_plain_fused_model(benchmark, tmp_
     assert result["train_ratio"] > 0 and result["eval_ratio_fused"] > 0 and result["train_ratio_paired"] > 0
     assert set(result["train_img_s"]) == {"baseline", "refocus", "refocus_per_step"}
     assert result["train_ratio_per_step"] > 0 and result["memory_ratio_per_step"] > 0
+    reduced = result["ddp_reduced_values"]  # dL/dW_t has the kernels' shapes: the plain model's volume
+    assert reduced["refocus_per_step"] == reduced["baseline"] and reduced["refocus"] > 4 * reduced["baseline"]
     assert set(result["eval_img_s"]) == {"baseline", "refocus", "fused"}
     assert result["refocus_params"] > 0 and result["refocus_train_bytes"] == 12 * result["refocus_params"]
     mem = result["peak_memory_bytes"]
