@@ -66,9 +66,15 @@ class PerStepTransform:
             flat = torch.cat([g.reshape(-1) for g in grads])
             torch_dist.all_reduce(flat)
             flat /= torch_dist.get_world_size()
-            grads = [g.view_as(w) for g, w in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
-        torch.autograd.backward(self._outputs, grads)
-        self.clear()
+            grads = list(flat.split([g.numel() for g in grads]))
+        outputs, self._outputs = self._outputs, []
+        for i, (refocus, _) in enumerate(self.layers):
+            # Layer by layer, dropping each W_t and dL/dW_t once used: the peak holds one layer's W_r gradient
+            # on top of them, not all at once (resnet18 peak over plain autograd: +132 MiB before, -5 to +14 after).
+            refocus.step_weight = None
+            out, grad, outputs[i], grads[i] = outputs[i], grads[i], None, None
+            torch.autograd.backward(out, grad.view_as(out))
+            del out, grad
 
     def clear(self) -> None:
         self._outputs = []
