@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,17 @@ def test_pipeline_benchmark_reports_decode_rate_and_trainer_ratio(tmp_path, caps
     result = json.loads(out.read_text())
     assert result["decode_img_per_s_per_worker"] > 0 and result["classic_decode_img_per_s_per_worker"] > 0
     assert result["ratio"] > 0
+
+
+def test_ddp_benchmark_times_three_setups_under_torchrun(tmp_path):
+    out = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(SCRIPT.parent / "bench_ddp.py"), "--model", "mobilenetv2_050", "--img-size", "32", "--batch-size", "2",
+           "--steps", "1", "--repeats", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2 and result["backend"] == "gloo"
+    assert result["ratio_refocus"] > 0 and result["ratio_refocus_per_step"] > 0
+    values = result["allreduce_values"]  # per step: the kernel-sized dL/dW_t instead of W_r's gradient
+    assert values["refocus_per_step"] == values["baseline"] < values["refocus"]
