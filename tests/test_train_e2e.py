@@ -67,6 +67,18 @@ def test_baseline_then_refocus_run_writes_verified_fused_model(data_root, tmp_pa
     assert "depthwise" in report and "W_r params" in report
 
 
+def test_refocus_run_with_bf16_autocast_and_channels_last_on_cpu(data_root, tmp_path):
+    """The AMP and memory-format paths the CUDA runs use, as far as a CPU can run them (autocast bf16 on CPU)."""
+    out = tmp_path / "bf16"
+    assert train_main(args(data_root, out, "train.amp=bf16", "train.channels_last=true", "optim.accum_steps=2",
+                           "optim.lr=0.01", "refocus.init=zeros")) == 0
+    ckpt = load(out / "last.pth")
+    weights = [v for k, v in ckpt["model"].items() if k.endswith(REFOCUS_KEY)]
+    assert weights and all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights)  # fp32 master
+    assert any(w.abs().sum() > 0 for w in weights)  # W_r learned from zeros through bf16 convs
+    assert load(out / "fused.pth")["max_abs_diff"] <= 1e-4
+
+
 def test_lr_schedule_warms_up_then_cosine_per_step():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=0.2)
