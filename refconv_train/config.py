@@ -43,7 +43,7 @@ class RefocusConfig:
     base: Literal["frozen", "trainable"] = "frozen"  # ablation (paper Fig. 5)
     base_init: Literal["pretrained", "random"] = "pretrained"  # ablation (paper Fig. 5)
     # W_t once per optimizer step and dL/dW_t (not dL/dW_r) all-reduced under DDP (refconv_train.per_step);
-    # false = plain autograd through the transform on every micro-batch. Off under train.compile.
+    # false = plain autograd through the transform on every micro-batch.
     per_step_transform: bool = True
 
 

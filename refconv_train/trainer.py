@@ -142,10 +142,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, o, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.train.amp == "fp16")
         self.transform = None
-        if self.report is not None and cfg.refocus.per_step_transform and cfg.train.compile:
-            log.info("refocus.per_step_transform is off under train.compile (a W_t swapped in every step would "
-                     "recompile): W_t is computed per micro-batch")
-        elif self.report is not None and cfg.refocus.per_step_transform:
+        if self.report is not None and cfg.refocus.per_step_transform:
             self.transform = PerStepTransform(model, distributed=self.dist.distributed)
             if self.dist.distributed:  # W_r's gradients come from the transform, already averaged over ranks
                 PerStepTransform.exclude_from_ddp(model)

@@ -79,6 +79,20 @@ def test_refocus_run_with_bf16_autocast_and_channels_last_on_cpu(data_root, tmp_
     assert load(out / "fused.pth")["max_abs_diff"] <= 1e-4
 
 
+def test_compiled_refocus_run_on_cpu_does_not_recompile_per_step(data_root, tmp_path):
+    """train.compile (inductor, CPU) with the per-step transform: a W_t swapped in every step is a graph input."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    out = tmp_path / "compiled"
+    assert train_main(args(data_root, out, "train.compile=true", "optim.accum_steps=2", "optim.lr=0.01")) == 0
+    steps = load(out / "last.pth")["global_step"]
+    assert steps == 8 and counters["stats"]["unique_graphs"] < steps, dict(counters["stats"])
+    assert load(out / "fused.pth")["max_abs_diff"] <= 1e-4
+    torch._dynamo.reset()
+
+
 def test_lr_schedule_warms_up_then_cosine_per_step():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=0.2)
