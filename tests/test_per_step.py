@@ -137,3 +137,22 @@ def test_ddp_all_reduces_kernel_gradients_and_matches_plain_ddp(tmp_path) -> Non
             torch.testing.assert_close(r["got"][name], expected, rtol=1e-10, atol=1e-12, msg=name)
     for name, g in results[0]["got"].items():  # every rank steps with the same averaged gradient
         torch.testing.assert_close(results[1]["got"][name], g, rtol=0, atol=0, msg=name)
+
+
+def test_compiled_model_with_per_step_transform_gives_eager_plain_gradients() -> None:
+    """torch.compile (inductor, CPU): the W_t pinned per step is a graph input, gradients as eager plain autograd."""
+    torch.manual_seed(0)
+    plain = small_net()
+    refocus_model(plain)
+    compiled_model = copy.deepcopy(plain)
+    x, y = micro_batches(3, 1)[0]
+    x = x.float()
+    F.cross_entropy(plain(x), y).backward()
+    transform = PerStepTransform(compiled_model)
+    transform.begin()
+    F.cross_entropy(torch.compile(compiled_model)(x), y).backward()
+    transform.finish()
+    expected, got = grads(plain), grads(compiled_model)
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
