@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
@@ -17,7 +18,9 @@ def benchmark():
     spec = importlib.util.spec_from_file_location("refconv_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    threads = torch.get_num_threads()
+    yield module
+    torch.set_num_threads(threads)  # --threads sets the process's count: do not leak it into later tests
 
 
 def test_benchmark_reports_ratios_memory_and_a_plain_fused_model(benchmark, tmp_path, capsys):
