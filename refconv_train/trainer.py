@@ -56,6 +56,15 @@ def build_training_model(cfg: Config, pretrained: bool | str | None = None) -> t
     return model, report
 
 
+def use_sync_bn(sync_bn: bool, distributed: bool, device: torch.device) -> bool:
+    """SyncBatchNorm only matters with several processes, and PyTorch's only runs on CUDA (DDP refuses it on CPU
+    with a traceback): say so in one line instead."""
+    if sync_bn and distributed and device.type != "cuda":
+        raise RefconvError(f"train.sync_bn=true needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only), this run "
+                           f"is on {device.type}: set train.sync_bn=false")
+    return sync_bn and distributed
+
+
 def build_sgd(params: list[nn.Parameter], lr: float, optim: OptimConfig) -> torch.optim.SGD:
     """SGD with the fused kernel where PyTorch has one: W_r can hold 10x the model's parameters (mobilenetv2_100:
     40.6M), and the fused step was measured 2.3x faster than the default one on them (docs/performance.md)."""
@@ -130,7 +139,7 @@ class Trainer:
         if self.report is not None and self.dist.is_main:
             log.info(self.report.summary())
             (self.out / "refocus_report.txt").write_text(self.report.table() + "\n")
-        if cfg.train.sync_bn and self.dist.distributed:
+        if use_sync_bn(cfg.train.sync_bn, self.dist.distributed, dev):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(dev)
         if cfg.train.channels_last:

@@ -97,6 +97,17 @@ def test_compiled_refocus_run_on_cpu_does_not_recompile_per_step(data_root, tmp_
     torch._dynamo.reset()
 
 
+def test_sync_bn_is_used_only_with_several_cuda_processes_and_refused_on_cpu():
+    from refconv_train.errors import RefconvError
+    from refconv_train.trainer import use_sync_bn
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert use_sync_bn(True, True, cuda) and not use_sync_bn(True, False, cpu) and not use_sync_bn(False, True, cpu)
+    with pytest.raises(RefconvError, match="train.sync_bn=false") as exc:
+        use_sync_bn(True, True, cpu)
+    assert "\n" not in str(exc.value)
+
+
 def test_lr_schedule_warms_up_then_cosine_per_step():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=0.2)
