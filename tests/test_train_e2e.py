@@ -68,13 +68,14 @@ def test_baseline_then_refocus_run_writes_verified_fused_model(data_root, tmp_pa
     assert "depthwise" in report and "W_r params" in report
 
 
-def test_refocus_run_with_bf16_autocast_and_channels_last_on_cpu(data_root, tmp_path):
-    """The AMP and memory-format paths the CUDA runs use, as far as a CPU can run them (autocast bf16 on CPU).
-    One thread: there channels_last and contiguous convs of this model differed by 0.01, which the fuse check must
-    not mistake for a wrong fuse (it compares both in one format)."""
-    out = tmp_path / "bf16"
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_refocus_run_with_autocast_and_channels_last_on_cpu(data_root, tmp_path, amp):
+    """The AMP paths the CUDA runs use, as far as a CPU runs them: autocast, fp16 with GradScaler (W_r's gradient
+    reaches it scaled, through the per-step transform), channels_last. One thread: there channels_last and
+    contiguous convs of this model differed by 0.01, which the fuse check must not mistake for a wrong fuse."""
+    out = tmp_path / amp
     with one_thread():
-        assert train_main(args(data_root, out, "train.amp=bf16", "train.channels_last=true", "optim.accum_steps=2",
+        assert train_main(args(data_root, out, f"train.amp={amp}", "train.channels_last=true", "optim.accum_steps=2",
                                "optim.lr=0.01", "refocus.init=zeros")) == 0
     ckpt = load(out / "last.pth")
     weights = [v for k, v in ckpt["model"].items() if k.endswith(REFOCUS_KEY)]
