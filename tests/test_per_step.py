@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
@@ -87,6 +88,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _accumulate(ddp: DistributedDataParallel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """One step's micro-batches as a DDP trainer runs them: gradients synchronised on the last one only."""
+    for i, (x, y) in enumerate(batches):
+        sync = contextlib.nullcontext() if i == len(batches) - 1 else ddp.no_sync()
+        with sync:
+            (F.cross_entropy(ddp(x), y) / len(batches)).backward()
+
+
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -102,12 +111,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
                     conv.parametrizations.weight[0].refocus_weight.add_(1.0)
         batches = micro_batches(10 + rank)  # every rank its own data
         ddp = DistributedDataParallel(reference)
-        for i, (x, y) in enumerate(batches):
-            if i < len(batches) - 1:
-                with ddp.no_sync():
-                    (F.cross_entropy(ddp(x), y) / len(batches)).backward()
-            else:
-                (F.cross_entropy(ddp(x), y) / len(batches)).backward()
+        _accumulate(ddp, batches)
         transform = PerStepTransform(candidate, distributed=True)
         PerStepTransform.exclude_from_ddp(candidate)
         transform.broadcast()
@@ -115,12 +119,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         reduced = {n for n, p in candidate.named_parameters() if p.requires_grad} - set(ddp2.parameters_to_ignore)
         assert reduced and not any("parametrizations" in n for n in reduced)  # W_r is not in DDP's reducer
         transform.begin()
-        for i, (x, y) in enumerate(batches):
-            if i < len(batches) - 1:
-                with ddp2.no_sync():
-                    (F.cross_entropy(ddp2(x), y) / len(batches)).backward()
-            else:
-                (F.cross_entropy(ddp2(x), y) / len(batches)).backward()
+        _accumulate(ddp2, batches)
         transform.finish()
         torch.save({"expected": grads(reference), "got": grads(candidate)}, f"{out}.{rank}")
     finally:
