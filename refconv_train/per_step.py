@@ -36,8 +36,7 @@ class PerStepTransform:
         """Keep the transform's trainable inputs (``W_r``; ``W_b`` when trainable) out of DDP's gradient reducer:
         their gradients come from :meth:`finish`, already averaged. Call before wrapping the model in DDP, and make
         sure every rank starts from the same ``W_r`` (DDP no longer broadcasts them): :meth:`broadcast`."""
-        names = [name for name, p in model.named_parameters()
-                 if ".parametrizations.weight." in name and p.requires_grad]
+        names = [name for name, p in model.named_parameters() if p.requires_grad and _transform_input(name)]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
 
     def broadcast(self) -> None:
@@ -80,3 +79,17 @@ class PerStepTransform:
         self._outputs = []
         for refocus, _ in self.layers:
             refocus.step_weight = None
+
+
+def ddp_gradient_values(model: nn.Module, per_step: bool) -> int:
+    """Gradient values a DDP step all-reduces: every trainable parameter, or, with :class:`PerStepTransform`, the
+    kernel-sized ``dL/dW_t`` in place of the transform's trainable inputs (``W_r``)."""
+    if not per_step:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plain = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and not _transform_input(name))
+    return plain + sum(base.numel() for _, base in PerStepTransform(model).layers)
+
+
+def _transform_input(name: str) -> bool:
+    """A parametrized conv's ``W_r`` or ``W_b``, by parameter name."""
+    return ".parametrizations.weight." in name

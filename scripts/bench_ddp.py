@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refconv_train import build_model, refocus_model  # noqa: E402
 from refconv_train.config import OptimConfig  # noqa: E402
-from refconv_train.per_step import PerStepTransform  # noqa: E402
+from refconv_train.per_step import PerStepTransform, ddp_gradient_values  # noqa: E402
 from refconv_train.trainer import build_sgd  # noqa: E402
 
 SETUPS = ("baseline", "refocus", "refocus_per_step")
@@ -45,10 +45,7 @@ def make_step(setup: str, args: argparse.Namespace, device: torch.device, x: tor
         transform.broadcast()
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = build_sgd([p for p in model.parameters() if p.requires_grad], 0.01, OptimConfig())
-    reduced = sum(p.numel() for n, p in model.named_parameters()
-                  if p.requires_grad and n not in set(ddp.parameters_to_ignore))
-    if transform is not None:
-        reduced += sum(base.numel() for _, base in transform.layers)
+    reduced = ddp_gradient_values(model, per_step=transform is not None)
 
     def step() -> None:
         if transform is not None:
@@ -72,6 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="per process (CPU)")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    if min(args.steps, args.repeats, args.batch_size, args.img_size, args.threads) < 1:
+        p.error("--steps, --repeats, --batch-size, --img-size and --threads must be >= 1")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:

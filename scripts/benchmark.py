@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 from refconv_train import Refocus, build_model, fuse_model, refocus_model  # noqa: E402
 from refconv_train.config import OptimConfig  # noqa: E402
-from refconv_train.per_step import PerStepTransform  # noqa: E402
+from refconv_train.per_step import PerStepTransform, ddp_gradient_values  # noqa: E402
 from refconv_train.trainer import build_sgd  # noqa: E402
 
 TRAIN_SETUPS = ("baseline", "refocus", "refocus_per_step")
@@ -191,15 +191,6 @@ def time_alternating(fns: dict[str, Callable[[], None]], steps: int, warmup: int
     return out, statistics.median(utils) if utils else None
 
 
-def ddp_reduced_values(model: nn.Module, per_step: bool) -> int:
-    """Gradient values DDP all-reduces per step: every trainable parameter, or, with PerStepTransform, the
-    transform's outputs (kernel-sized dL/dW_t) in place of its trainable inputs (W_r)."""
-    if not per_step:
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
-    plain = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".parametrizations." not in n)
-    return plain + sum(base.numel() for _, base in PerStepTransform(model).layers)
-
-
 def forward_flops(model: nn.Module, args: argparse.Namespace, x: torch.Tensor) -> int:
     """Conv and matmul FLOPs of one forward with autograd on (so a refocused model computes ``W_t``), counted by
     torch's FlopCounterMode. Only the forward: its backward formula ignores conv groups (it counts mobilenetv2_100's
@@ -282,8 +273,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     del per_step
 
     flops = {"baseline": forward_flops(base, args, x), "refocus": forward_flops(refocused, args, x)}
-    reduced = {"baseline": ddp_reduced_values(base, False), "refocus": ddp_reduced_values(refocused, False),
-               "refocus_per_step": ddp_reduced_values(refocused, True)}
+    reduced = {"baseline": ddp_gradient_values(base, False), "refocus": ddp_gradient_values(refocused, False),
+               "refocus_per_step": ddp_gradient_values(refocused, True)}
 
     fused = copy.deepcopy(refocused)
     fuse_model(fused)
