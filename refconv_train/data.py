@@ -6,6 +6,7 @@ unreadable images can only be found when they are loaded, and are either fatal o
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -59,10 +60,18 @@ def normalize_images(images: torch.Tensor, mean: tuple[float, ...] = IMAGENET_ME
     (already normalized by the caller's own pipeline)."""
     if images.is_floating_point():
         return images
-    shape = (1, -1, 1, 1) if images.dim() == 4 else (-1, 1, 1)
-    scale = torch.tensor([1 / (255 * s) for s in std], device=images.device).view(shape)
-    shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)], device=images.device).view(shape)
-    return torch.addcmul(-shift, images, scale, value=1).contiguous(memory_format=_memory_format(images))
+    neg_shift, scale = _affine(tuple(mean), tuple(std), images.device, images.dim())
+    return torch.addcmul(neg_shift, images, scale).contiguous(memory_format=_memory_format(images))
+
+
+@functools.lru_cache(maxsize=16)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+            dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(-mean / std, 1 / (255 std))`` on ``device``, made once: not a host-to-device copy for every batch."""
+    shape = (1, -1, 1, 1) if dim == 4 else (-1, 1, 1)
+    neg_shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=device).view(shape)
+    scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(shape)
+    return neg_shift, scale
 
 
 def _memory_format(images: torch.Tensor) -> torch.memory_format:
