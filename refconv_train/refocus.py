@@ -91,7 +91,7 @@ class _PatchGemm(torch.autograd.Function):
     def forward(ctx, w: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(w, patches)
         groups, rows, cols = w.shape
-        blocks = _row_blocks(rows, _threads(w)) if w.device.type == "cpu" else 1
+        blocks = _cpu_row_blocks(w, torch.get_num_threads())
         w_blocks = w.reshape(groups * blocks, rows // blocks, cols)
         out = torch.bmm(_repeat_blocks(patches.transpose(1, 2), blocks), w_blocks.transpose(1, 2))
         return out.transpose(1, 2).reshape(groups, rows, -1)
@@ -102,7 +102,7 @@ class _PatchGemm(torch.autograd.Function):
         grad_w = grad_p = None
         if ctx.needs_input_grad[0]:
             groups, rows, cols = w.shape
-            blocks = _row_blocks(rows, max(_threads(w), rows // 64)) if w.device.type == "cpu" else 1
+            blocks = _cpu_row_blocks(w, max(torch.get_num_threads(), rows // 64))
             grad_blocks = grad.reshape(groups * blocks, rows // blocks, -1)
             grad_w = torch.bmm(grad_blocks, _repeat_blocks(patches.transpose(1, 2), blocks)).view(w.shape)
         if ctx.needs_input_grad[1]:
@@ -110,8 +110,9 @@ class _PatchGemm(torch.autograd.Function):
         return grad_w, grad_p
 
 
-def _threads(t: torch.Tensor) -> int:
-    return torch.get_num_threads() if t.device.type == "cpu" else 1
+def _cpu_row_blocks(w: torch.Tensor, target: int) -> int:
+    """Equal blocks to split ``w``'s rows into: about ``target`` on CPU, none elsewhere (cuBLAS needs no help)."""
+    return _row_blocks(w.shape[1], target) if w.device.type == "cpu" else 1
 
 
 @functools.cache
