@@ -36,7 +36,7 @@ class PerStepTransform:
         """Keep the transform's trainable inputs (``W_r``; ``W_b`` when trainable) out of DDP's gradient reducer:
         their gradients come from :meth:`finish`, already averaged. Call before wrapping the model in DDP, and make
         sure every rank starts from the same ``W_r`` (DDP no longer broadcasts them): :meth:`broadcast`."""
-        names = [name for name, p in model.named_parameters() if p.requires_grad and _transform_input(name)]
+        names = [name for name, p in _transform_inputs(model).items() if p.requires_grad]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
 
     def broadcast(self) -> None:
@@ -84,12 +84,20 @@ class PerStepTransform:
 def ddp_gradient_values(model: nn.Module, per_step: bool) -> int:
     """Gradient values a DDP step all-reduces: every trainable parameter, or, with :class:`PerStepTransform`, the
     kernel-sized ``dL/dW_t`` in place of the transform's trainable inputs (``W_r``)."""
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not per_step:
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
-    plain = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and not _transform_input(name))
+        return sum(p.numel() for p in trainable.values())
+    inputs = _transform_inputs(model)
+    plain = sum(p.numel() for name, p in trainable.items() if name not in inputs)
     return plain + sum(base.numel() for _, base in PerStepTransform(model).layers)
 
 
-def _transform_input(name: str) -> bool:
-    """A parametrized conv's ``W_r`` or ``W_b``, by parameter name."""
-    return ".parametrizations.weight." in name
+def _transform_inputs(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameter name -> tensor for RefConv's ``W_r`` and ``W_b`` only: other parametrizations of the model (weight
+    norm, ...) keep their place in DDP's reducer."""
+    out = {}
+    for name, conv in refocused_convs(model).items():
+        prefix = f"{name}." if name else ""
+        out[f"{prefix}parametrizations.weight.original"] = conv.parametrizations.weight.original
+        out[f"{prefix}parametrizations.weight.0.refocus_weight"] = conv.parametrizations.weight[0].refocus_weight
+    return out

@@ -155,3 +155,15 @@ def test_compiled_model_with_per_step_transform_gives_eager_plain_gradients() ->
     assert set(got) == set(expected)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_only_refconv_tensors_leave_ddps_reducer() -> None:
+    """Other parametrizations (weight norm here) must still be all-reduced by DDP."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, groups=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    refocus_model(model, base="trainable")
+    torch.nn.utils.parametrizations.weight_norm(model[2])
+    PerStepTransform.exclude_from_ddp(model)
+    ignored = set(model._ddp_params_and_buffers_to_ignore)
+    assert ignored == {"0.parametrizations.weight.original", "0.parametrizations.weight.0.refocus_weight"}
+    assert {n for n, _ in model.named_parameters() if "2.parametrizations" in n} == {
+        "2.parametrizations.weight.original0", "2.parametrizations.weight.original1"}
