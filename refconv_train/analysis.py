@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import describe, load_training_checkpoint
 from .errors import RefconvError
-from .refocus import BASE_KEY, REFOCUS_KEY, is_refocus_state_dict, refocus_transform
+from .refocus import is_refocus_state_dict, kernel_kind, refocus_transform, refocused_kernels
 
 DEFAULT_CHANNELS = 64
 STATS_FIELDS = ("layer", "kind", "kernel", "refocus_params", "rel_change", "kl_base", "kl_refocused", "kl_channels")
@@ -35,12 +35,8 @@ STATS_FIELDS = ("layer", "kind", "kernel", "refocus_params", "rel_change", "kl_b
 
 # ----------------------------------------------------------------------------------------------- math
 def refocus_kind(w_b: torch.Tensor, w_r: torch.Tensor) -> str:
-    """``depthwise`` / ``group`` / ``dense`` from the shapes alone (``g = W_r.shape[1]``, ``C_in/g = W_b.shape[1]``);
-    the same classification as :func:`refconv_train.refocus.conv_kind`."""
-    groups = w_r.shape[1]
-    if groups == 1:
-        return "dense"
-    return "depthwise" if w_b.shape[1] == 1 else "group"
+    """``depthwise`` / ``group`` / ``dense`` from the shapes alone (``g = W_r.shape[1]``, ``C_in/g = W_b.shape[1]``)."""
+    return kernel_kind(w_r.shape[1], w_b.shape[1])
 
 
 def connection_degree(w_r: torch.Tensor, channels: int | None = None) -> torch.Tensor:
@@ -141,14 +137,7 @@ class RefocusedWeights:
 
 def refocused_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, RefocusedWeights]:
     """Module name -> (``W_b``, ``W_r``) for every refocused conv of a state dict, in state-dict order."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.endswith(REFOCUS_KEY):
-            name = key[: -len(REFOCUS_KEY)]
-            if name + BASE_KEY not in state_dict:
-                raise RefconvError(f"state dict has {key} but no {name + BASE_KEY}: incomplete RefConv checkpoint")
-            out[name] = RefocusedWeights(name, state_dict[name + BASE_KEY], value)
-    return out
+    return {name: RefocusedWeights(name, w_b, w_r) for name, w_b, w_r in refocused_kernels(state_dict)}
 
 
 def load_refocused_weights(path: str | os.PathLike) -> dict[str, RefocusedWeights]:

@@ -45,6 +45,9 @@ class RefocusConfig:
     # W_t once per optimizer step and dL/dW_t (not dL/dW_r) all-reduced under DDP (refconv_train.per_step);
     # false = plain autograd through the transform on every micro-batch.
     per_step_transform: bool = True
+    # none (paper) | layer: each W_r's lr divided by its layer's step gain lambda (docs/design.md section 1)
+    step_norm: Literal["none", "layer"] = "none"
+    weight_decay: float | None = None  # for W_r only (pulls W_t towards W_b); null = optim.weight_decay
 
 
 @dataclass
@@ -56,6 +59,8 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     crop_pct: float = 0.875
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized crop: area fraction (timm's)
+    ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])  # random-resized crop: aspect ratio range
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     on_bad_image: Literal["error", "skip"] = "error"
@@ -119,8 +124,11 @@ CHECKS: dict[str, _Check] = {
     "model.name": (bool, "not be empty"),
     "model.num_classes": _POS,
     "refocus.map_k": (lambda v: v > 0 and v % 2 == 1, "be an odd positive integer"),
+    "refocus.weight_decay": (lambda v: v is None or v >= 0, "be >= 0 or null"),
     "data.img_size": _POS, "data.batch_size": _POS, "data.workers": _NONNEG, "data.eval_batch_size": _NONNEG,
     "data.crop_pct": (lambda v: 0 < v <= 1, "be in (0, 1]"), "data.mean": _RGB,
+    "data.scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "be [min, max] with 0 < min <= max <= 1"),
+    "data.ratio": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "be [min, max] with 0 < min <= max"),
     "data.std": (lambda v: len(v) == 3 and min(v) > 0, "hold 3 positive values, one per RGB channel"),
     "optim.lr": _POS, "optim.min_lr": _NONNEG, "optim.momentum": _FRACTION, "optim.weight_decay": _NONNEG,
     "optim.epochs": _NONNEG, "optim.warmup_epochs": _NONNEG, "optim.label_smoothing": _FRACTION,

@@ -27,7 +27,7 @@ from .faults import Fault
 from .fusing import fuse_and_verify, fused_outputs, write_fused
 from .models import CHECKPOINT_FORMAT, build_model
 from .per_step import PerStepTransform
-from .refocus import refocus_model
+from .refocus import refocus_model, refocus_param_groups
 
 log = logging.getLogger("refconv_train")
 
@@ -65,7 +65,7 @@ def use_sync_bn(sync_bn: bool, distributed: bool, device: torch.device) -> bool:
     return sync_bn and distributed
 
 
-def build_sgd(params: list[nn.Parameter], lr: float, optim: OptimConfig) -> torch.optim.SGD:
+def build_sgd(params: list[nn.Parameter] | list[dict], lr: float, optim: OptimConfig) -> torch.optim.SGD:
     """SGD with the fused kernel where PyTorch has one: W_r can hold 10x the model's parameters (mobilenetv2_100:
     40.6M), and the fused step was measured 2.3x faster than the default one on them (docs/performance.md)."""
     kwargs = dict(lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov)
@@ -79,7 +79,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_
     """Per-step LR: linear warmup over ``warmup_epochs`` from ``lr * warmup_start_factor``, then cosine over ``epochs``
     down to ``min_lr``; the warmup runs before the cosine epochs (the authors run 5 + 100). The peak LR is the
     optimizer's (already scaled to the global batch). Call ``step_update(num_updates=global_step)`` after each step."""
-    peak = optimizer.param_groups[0]["lr"]
+    peak = optimizer.defaults["lr"]
     return CosineLRScheduler(
         optimizer, t_initial=max(optim.epochs * steps_per_epoch, 1), lr_min=optim.min_lr,
         warmup_t=optim.warmup_epochs * steps_per_epoch, warmup_lr_init=peak * optim.warmup_start_factor,
@@ -115,7 +115,7 @@ class Trainer:
     def _build_data(self) -> None:
         d, dist = self.cfg.data, self.dist
         root = Path(d.root)
-        train_tf = data_lib.build_transform(d.img_size, True, d.crop_pct)
+        train_tf = data_lib.build_transform(d.img_size, True, d.crop_pct, d.scale, d.ratio)
         val_tf = data_lib.build_transform(d.img_size, False, d.crop_pct)
         self.train_set = data_lib.build_dataset(root, d.train_split, train_tf, self.cfg.model.num_classes,
                                                 d.on_bad_image)
@@ -145,9 +145,11 @@ class Trainer:
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model  # the plain module: state dicts and fusing use this one
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        o = cfg.optim
-        self.optimizer = build_sgd(self.params, self.lr, o)
+        o, r = cfg.optim, cfg.refocus
+        # Step gains come from the pretrained W_b; a resumed run gets its groups' lr_scale back from the checkpoint.
+        groups = refocus_param_groups(model, r.step_norm if r.enabled else "none",
+                                      r.weight_decay if r.enabled else None)
+        self.optimizer = build_sgd(groups, self.lr, o)
         self.scheduler = build_scheduler(self.optimizer, o, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.train.amp == "fp16")
         self.transform = None
@@ -279,6 +281,9 @@ class Trainer:
                          self.start_epoch, self.start_step, self.global_step)
         else:
             torch.manual_seed(cfg.train.seed + dist.rank)
+        # The lr of the coming step in every group, lr_scale applied: timm's scheduler only sets it at construction
+        # when there is a warmup, and W_r's first step must not run at the unscaled lr.
+        self.scheduler.step_update(num_updates=self.global_step)
         try:
             result = self._loop()
         finally:

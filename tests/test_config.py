@@ -27,32 +27,6 @@ def _write(tmp_path, text: str, name: str = "exp.yaml"):
     return path
 
 
-def test_defaults_match_design():
-    d = config_to_dict(Config())
-    assert d["model"] == {"name": "mobilenetv2_100", "num_classes": 1000, "pretrained": True, "kwargs": {}}
-    assert d["refocus"] == {
-        "enabled": True, "map_k": 3, "init": "xavier", "exclude": [], "base": "frozen", "base_init": "pretrained",
-        "per_step_transform": True,
-    }
-    data = d["data"]
-    assert (data["root"], data["img_size"], data["batch_size"], data["workers"]) == ("imagenet/", 224, 256, 8)
-    assert (data["train_split"], data["val_split"], data["crop_pct"]) == ("train", "val", 0.875)
-    assert data["mean"] == [0.485, 0.456, 0.406] and data["std"] == [0.229, 0.224, 0.225]
-    assert (data["on_bad_image"], data["eval_batch_size"]) == ("error", 0)
-    assert d["optim"] == {
-        "lr": 0.1, "momentum": 0.9, "weight_decay": 4.0e-5, "epochs": 100, "warmup_epochs": 5, "min_lr": 5.0e-7,
-        "nesterov": False, "label_smoothing": 0.0, "warmup_start_factor": 5.0e-6, "clip_grad_norm": 0.0,
-        "accum_steps": 1,
-    }
-    train = d["train"]
-    assert (train["output"], train["amp"], train["seed"], train["resume"]) == ("runs/<name>", "none", 42, "auto")
-    assert (train["checkpoint_every_steps"], train["device"], train["eval_every"], train["log_every"]) == (
-        0, "auto", 1, 50,
-    )
-    assert not any(train[k] for k in ("channels_last", "compile", "sync_bn", "deterministic"))
-    assert (train["max_nonfinite_skips"], train["max_steps_per_epoch"], train["verify_fuse_atol"]) == (0, 0, 1e-4)
-
-
 def test_no_file_uses_defaults_and_model_name_for_output():
     cfg = load_config(None)
     assert cfg.optim.lr == 0.1 and cfg.train.output == "runs/mobilenetv2_100"

@@ -1,0 +1,43 @@
+"""RefConv: refocus a frozen pretrained kernel with a learnable convolution run over the kernel itself.
+
+- :mod:`.transform`: the math as pure functions (the transform, its GEMM form, the step gain);
+- :mod:`.parametrization`: :class:`Refocus`, the ``torch.nn.utils.parametrize`` module holding ``W_r``;
+- :mod:`.surgery`: inject into a model, find, fuse a model or a state dict back;
+- :mod:`.step_norm`: optimizer parameter groups for step normalisation.
+"""
+
+from .parametrization import INITS, Refocus, init_refocus_weight
+from .step_norm import STEP_NORMS, refocus_param_groups
+from .surgery import (
+    BASE_INITS,
+    BASE_KEY,
+    BASES,
+    REFOCUS_KEY,
+    RefocusedLayer,
+    RefocusReport,
+    fuse_model,
+    fuse_state_dict,
+    is_refocus_state_dict,
+    refocus_model,
+    refocus_parameters,
+    refocused_convs,
+    refocused_kernels,
+)
+from .transform import (
+    conv_kind,
+    kernel_kind,
+    kernel_patches,
+    refocus_delta,
+    refocus_delta_gemm,
+    refocus_shape,
+    refocus_transform,
+    step_gain,
+)
+
+__all__ = [
+    "INITS", "Refocus", "init_refocus_weight", "STEP_NORMS", "refocus_param_groups", "BASE_INITS", "BASE_KEY",
+    "BASES", "REFOCUS_KEY", "RefocusedLayer", "RefocusReport", "fuse_model", "fuse_state_dict",
+    "is_refocus_state_dict", "refocus_model", "refocus_parameters", "refocused_convs", "refocused_kernels",
+    "conv_kind", "kernel_kind", "kernel_patches", "refocus_delta", "refocus_delta_gemm", "refocus_shape",
+    "refocus_transform", "step_gain",
+]

@@ -1,0 +1,216 @@
+"""Model surgery: inject RefConv into a model, find its refocused convs, fuse it (or its state dict) back."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import RefconvError
+from .parametrization import INITS, Refocus
+from .transform import conv_kind, step_gain
+
+BASES = ("frozen", "trainable")
+BASE_INITS = ("pretrained", "random")
+
+# State-dict key suffixes of a refocused conv (used to recognize RefConv checkpoints without a model).
+BASE_KEY = ".parametrizations.weight.original"
+REFOCUS_KEY = ".parametrizations.weight.0.refocus_weight"
+
+
+@dataclass
+class RefocusedLayer:
+    name: str
+    kind: str
+    kernel: tuple[int, int]
+    weight_shape: tuple[int, ...]
+    refocus_shape: tuple[int, ...]
+    step_gain: float  # lambda of docs/design.md section 1, from W_b at injection
+
+    @property
+    def refocus_params(self) -> int:
+        return math.prod(self.refocus_shape)
+
+
+@dataclass
+class RefocusReport:
+    """What :func:`refocus_model` did: refocused layers and skipped convs with the reason."""
+
+    map_k: int
+    layers: list[RefocusedLayer] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def refocus_params(self) -> int:
+        return sum(layer.refocus_params for layer in self.layers)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for layer in self.layers:
+            out[layer.kind] = out.get(layer.kind, 0) + 1
+        return out
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
+        return (f"refocused {len(self.layers)} convs ({kinds}), map_k={self.map_k}, "
+                f"W_r params={self.refocus_params:,}; skipped {len(self.skipped)}")
+
+    def table(self) -> str:
+        rows = [f"{'layer':40s} {'kind':9s} {'kernel':8s} {'W_r shape':22s} {'W_r params':>11s} {'step gain':>10s}"]
+        for layer in self.layers:
+            kernel = "x".join(map(str, layer.kernel))
+            rows.append(f"{layer.name:40s} {layer.kind:9s} {kernel:8s} {str(layer.refocus_shape):22s} "
+                        f"{layer.refocus_params:>11,} {layer.step_gain:>10.4g}")
+        rows += [f"{name:40s} skipped: {why}" for name, why in self.skipped]
+        rows.append(self.summary())
+        rows.append("step gain: lambda, how much faster than a plain kernel one SGD step on W_r moves W_t "
+                    "(refocus.step_norm=layer divides each W_r's lr by it)")
+        return "\n".join(rows)
+
+
+def refocus_model(
+    model: nn.Module,
+    map_k: int = 3,
+    init: str = "xavier",
+    exclude: Iterable[str] = (),
+    base: str = "frozen",
+    base_init: str = "pretrained",
+) -> RefocusReport:
+    """Inject RefConv in place into every ``nn.Conv2d`` (subclasses included) whose kernel is at least ``map_k``.
+
+    ``exclude``: regular expressions searched in module names; matching convs are left alone. ``base``: ``frozen``
+    (paper) or ``trainable``; ``base_init``: ``pretrained`` (paper) or ``random`` (the paper's Fig. 5 ablations).
+    Returns a :class:`RefocusReport`; raises :class:`RefconvError` on bad arguments or when nothing is eligible.
+    """
+    _check_args(map_k, init, base, base_init)
+    patterns = _compile_patterns(exclude)
+    used_patterns: set[str] = set()
+    report = RefocusReport(map_k=map_k)
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Conv2d) or parametrize.is_parametrized(module, "weight"):
+            continue
+        kh, kw = module.kernel_size
+        hits = [p.pattern for p in patterns if p.search(name)]
+        if hits:
+            used_patterns.update(hits)
+            report.skipped.append((name, f"excluded by {hits[0]!r}"))
+        elif kh == 1 and kw == 1:
+            report.skipped.append((name, "1x1"))
+        elif kh < map_k or kw < map_k:
+            report.skipped.append((name, f"kernel {kh}x{kw} smaller than map_k={map_k}"))
+        else:
+            report.layers.append(_refocus_conv(name, module, map_k, init, base, base_init))
+    for pattern in patterns:
+        if pattern.pattern not in used_patterns:
+            warnings.warn(f"refocus exclude pattern {pattern.pattern!r} matches no convolution", stacklevel=2)
+    if not report.layers:
+        too_small = [n for n, why in report.skipped if why.startswith("kernel")]
+        hint = f" (map_k={map_k} is larger than all {len(too_small)} spatial kernels)" if too_small else ""
+        raise RefconvError(f"refocus found no convolution to refocus{hint}: use a smaller odd map_k or fewer excludes")
+    return report
+
+
+def _refocus_conv(name: str, conv: nn.Conv2d, map_k: int, init: str, base: str, base_init: str) -> RefocusedLayer:
+    if base_init == "random":
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
+    shape = tuple(conv.weight.shape)
+    gain = step_gain(conv.weight, map_k, conv.groups)
+    p = Refocus(conv.weight.shape, conv.groups, map_k, init).to(conv.weight.device, conv.weight.dtype)
+    parametrize.register_parametrization(conv, "weight", p)
+    conv.parametrizations.weight.original.requires_grad_(base == "trainable")
+    return RefocusedLayer(name, conv_kind(conv), tuple(conv.kernel_size), shape, tuple(p.refocus_weight.shape), gain)
+
+
+def _check_args(map_k: int, init: str, base: str, base_init: str) -> None:
+    if not isinstance(map_k, int) or map_k < 1 or map_k % 2 == 0:
+        raise RefconvError(f"refocus map_k={map_k!r} must be an odd positive integer (the paper uses 3)")
+    if init not in INITS:
+        raise RefconvError(f"refocus init {init!r} is unknown: use one of {', '.join(INITS)}")
+    if base not in BASES:
+        raise RefconvError(f"refocus base {base!r} is unknown: use one of {', '.join(BASES)}")
+    if base_init not in BASE_INITS:
+        raise RefconvError(f"refocus base_init {base_init!r} is unknown: use one of {', '.join(BASE_INITS)}")
+
+
+def _compile_patterns(exclude: Iterable[str]) -> list[re.Pattern]:
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    patterns = []
+    for text in exclude:
+        try:
+            patterns.append(re.compile(text))
+        except re.error as e:
+            raise RefconvError(f"refocus exclude pattern {text!r} is not a valid regular expression ({e})") from None
+    return patterns
+
+
+def refocused_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
+    """Name -> conv for every conv that currently carries a :class:`Refocus` parametrization."""
+    return {
+        name: m for name, m in model.named_modules()
+        if parametrize.is_parametrized(m, "weight") and any(isinstance(p, Refocus) for p in m.parametrizations.weight)
+    }
+
+
+def refocus_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """All ``W_r`` tensors of a refocused model."""
+    return [p for conv in refocused_convs(model).values() for p in conv.parametrizations.weight[0].parameters()]
+
+
+def fuse_model(model: nn.Module) -> list[str]:
+    """Replace every RefConv by the plain conv with weight ``W_t``, in place; returns the fused module names.
+
+    Afterwards the model has the original module classes, parameter names and shapes (idempotent).
+    """
+    names = []
+    for name, conv in refocused_convs(model).items():
+        requires_grad = any(p.requires_grad for p in conv.parametrizations.weight.parameters())
+        # Deep copies (EMA, verification) share parametrize's generated class with the original, and removal
+        # deletes the `weight` property from that class: give this module a private copy of it first.
+        cls = type(conv)
+        conv.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+        with torch.no_grad():
+            parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
+        conv.weight.requires_grad_(requires_grad)
+        names.append(name)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------- state dicts
+def is_refocus_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
+    return any(k.endswith(REFOCUS_KEY) for k in state_dict)
+
+
+def refocused_kernels(state_dict: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(conv name, W_b, W_r)`` for every refocused conv of a state dict, in key order; an incomplete pair is an
+    error. ``W_r``'s shape carries everything the transform needs (``n``, ``g``, ``m``): no model is needed."""
+    for key, value in state_dict.items():
+        if key.endswith(BASE_KEY):
+            prefix = key[: -len(BASE_KEY)]
+            w_r = state_dict.get(prefix + REFOCUS_KEY)
+            if w_r is None:
+                raise RefconvError(f"state dict has {key} but no {prefix + REFOCUS_KEY}: incomplete RefConv checkpoint")
+            yield prefix, value, w_r
+
+
+def fuse_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fuse a refocused model's state dict into the original architecture's, exactly and without building the model."""
+    fused = {}
+    for prefix, w_b, w_r in refocused_kernels(state_dict):
+        with torch.no_grad():
+            w_t = Refocus.from_weight(w_r.float())(w_b.float())  # the module's own arithmetic, bit for bit
+        fused[prefix + BASE_KEY] = (prefix + ".weight", w_t.to(w_b.dtype))
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key in fused:
+            out[fused[key][0]] = fused[key][1]
+        elif not key.endswith(REFOCUS_KEY):
+            out[key] = value
+    return out
