@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Turn Fashion-MNIST's four IDX files into ImageFolder trees: OUT/train/<class>/*.png and OUT/val/<class>/*.png.
+"""Turn Fashion-MNIST's four IDX files into ImageFolder trees: OUT/{train,holdout,val}/<class>/*.png.
 
 train/ comes from the training files, val/ from the t10k (test) files; each may be .gz or plain. With
+--holdout-per-class K the last K training images of each class (in file order) go to holdout/ instead of train/:
+a split to choose settings on, so that the test images are only reported, never tuned on. With
 --train-per-class / --val-per-class only the first N images of each class (in file order) are kept. Class folders
 are 0_tshirt, 1_trouser, ... (sorted = label order). OUT/spec.json records what was written: a rerun with the same
 arguments skips the work, other arguments rewrite the trees, and a folder with other data is never touched.
@@ -84,6 +86,11 @@ def select(labels: np.ndarray, per_class: int | None) -> np.ndarray:
     return np.sort(keep)
 
 
+def select_among(labels: np.ndarray, allowed: np.ndarray, per_class: int | None) -> np.ndarray:
+    """:func:`select` restricted to the indices in ``allowed`` (the training images left after the holdout)."""
+    return allowed[select(labels[allowed], per_class)]
+
+
 def write_split(out: Path, split: str, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> dict:
     counts = [0] * len(CLASSES)
     for name in CLASSES:
@@ -95,20 +102,34 @@ def write_split(out: Path, split: str, images: np.ndarray, labels: np.ndarray, i
     return dict(zip(CLASSES, counts))
 
 
+def holdout_split(labels: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, holdout) indices: the last ``per_class`` images of every class are held out, in file order."""
+    held = [np.flatnonzero(labels == c)[len(np.flatnonzero(labels == c)) - per_class:] for c in range(len(CLASSES))]
+    held = np.sort(np.concatenate(held)) if per_class else np.zeros(0, dtype=np.int64)
+    return np.setdiff1d(np.arange(len(labels)), held), held
+
+
 def prepare(src: Path, out: Path, train_per_class: int | None, val_per_class: int | None,
-            force: bool = False) -> tuple[dict, bool]:
+            force: bool = False, holdout_per_class: int = 0) -> tuple[dict, bool]:
     """Write the trees; returns (spec, written). ``written`` is False when ``out`` was already up to date."""
     for name, value in (("--train-per-class", train_per_class), ("--val-per-class", val_per_class)):
         if value is not None and value < 1:
             raise PrepareError(f"{name} must be >= 1, got {value}")
+    if holdout_per_class < 0:
+        raise PrepareError(f"--holdout-per-class must be >= 0, got {holdout_per_class}")
     wanted = {"generator": GENERATOR, "src": str(src.resolve()), "train_per_class": train_per_class,
-              "val_per_class": val_per_class}
+              "val_per_class": val_per_class, "holdout_per_class": holdout_per_class}
     spec_path = out / SPEC_FILE
     old = _read_spec(spec_path)
     if not force and old is not None and {k: old.get(k) for k in wanted} == wanted:
         return old, False
     splits = {split: read_split(src, split) for split in FILES}  # read everything before deleting anything
-    for split in FILES:
+    train_labels = splits["train"][1]
+    smallest = min(np.bincount(train_labels, minlength=len(CLASSES)))
+    if holdout_per_class >= smallest:
+        raise PrepareError(f"--holdout-per-class {holdout_per_class} leaves no training images in the smallest class "
+                           f"({smallest} images): hold out fewer")
+    for split in (*FILES, "holdout"):
         if (out / split).exists():
             if old is None:
                 raise PrepareError(f"'{out / split}' exists and was not written by this script (no {SPEC_FILE}): "
@@ -116,9 +137,14 @@ def prepare(src: Path, out: Path, train_per_class: int | None, val_per_class: in
             shutil.rmtree(out / split)
     spec_path.unlink(missing_ok=True)  # written last: an interrupted run leaves no spec, so a rerun redoes it
     spec = dict(wanted)
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        images, labels = splits[split]
-        spec[f"{split}_counts"] = write_split(out, split, images, labels, select(labels, per_class))
+    train_idx, holdout_idx = holdout_split(train_labels, holdout_per_class)
+    chosen = {"train": select_among(train_labels, train_idx, train_per_class),
+              "val": select(splits["val"][1], val_per_class)}
+    if holdout_per_class:
+        chosen["holdout"] = holdout_idx
+    for split, indices in chosen.items():
+        images, labels = splits["train" if split == "holdout" else split]
+        spec[f"{split}_counts"] = write_split(out, split, images, labels, indices)
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")
     return spec, True
 
@@ -136,16 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="data/fashion_mnist", help="output root (gets train/, val/, spec.json)")
     parser.add_argument("--train-per-class", type=int, help="keep the first N training images per class (all)")
     parser.add_argument("--val-per-class", type=int, help="keep the first N test images per class (all)")
+    parser.add_argument("--holdout-per-class", type=int, default=0,
+                        help="move the last K training images per class to OUT/holdout/ (default: none)")
     parser.add_argument("--force", action="store_true", help="rewrite even if OUT is up to date")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        spec, written = prepare(Path(args.src), Path(args.out), args.train_per_class, args.val_per_class, args.force)
+        spec, written = prepare(Path(args.src), Path(args.out), args.train_per_class, args.val_per_class, args.force,
+                                args.holdout_per_class)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n_train, n_val = sum(spec["train_counts"].values()), sum(spec["val_counts"].values())
+    held = sum(spec.get("holdout_counts", {}).values())
     what = f"wrote {n_train} train + {n_val} val images" if written else "already up to date"
+    what += f" (+ {held} holdout)" if written and held else ""
     print(f"{args.out}: {what}, {len(CLASSES)} classes ({time.perf_counter() - start:.1f} s)")
     return 0
 

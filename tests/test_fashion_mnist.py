@@ -93,6 +93,21 @@ def test_idx_to_imagefolder(idx_src, tmp_path: Path):
     assert len(list((out / "train").rglob("*.png"))) == 30
 
 
+def test_holdout_takes_the_last_images_of_each_class_out_of_train(idx_src, tmp_path: Path):
+    src, arrays = idx_src
+    out = tmp_path / "fm"
+    rc, stdout, err = call(prep.main, ["--src", src, "--out", out, "--holdout-per-class", 1, "--train-per-class", 1])
+    assert rc == 0, err
+    assert "wrote 10 train + 20 val images (+ 10 holdout)" in stdout
+    _, labels = arrays["train"]
+    for label, name in enumerate(prep.CLASSES):
+        of_class = list(np.flatnonzero(labels == label))  # 3 per class, in file order
+        assert [int(f.stem) for f in (out / "holdout" / name).glob("*.png")] == of_class[-1:]
+        assert [int(f.stem) for f in (out / "train" / name).glob("*.png")] == of_class[:1]  # first of the rest
+    line = one_line_error(*call(prep.main, ["--src", src, "--out", tmp_path / "b", "--holdout-per-class", 3])[::2])
+    assert "leaves no training images" in line and not (tmp_path / "b" / "train").exists()
+
+
 def test_the_tree_trains_as_imagefolder(idx_src, tmp_path: Path):
     from refconv_train import data as data_lib
 
