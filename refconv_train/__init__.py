@@ -8,8 +8,9 @@ Public API::
     fuse_model(model)                                         # back to the original architecture
 """
 
+from .checkpoint import read_state_dict
 from .errors import RefconvError
-from .models import build_model, read_state_dict
+from .models import build_model
 from .refocus import (
     Refocus,
     RefocusReport,

@@ -1,10 +1,14 @@
-"""Checkpoints: atomic writes, weights-only reads, RNG state, the training and fused formats (DESIGN 4)."""
+"""Everything about checkpoint files: the training and fused formats (docs/design.md section 4), atomic writes,
+weights-only reads, the model weights inside any file we accept, and the training checkpoint's layout."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +17,9 @@ import torch
 from torch import nn
 
 from .errors import RefconvError
-from .models import CHECKPOINT_FORMAT, safe_torch_load
-from .refocus import is_refocus_state_dict
+from .refocus import fuse_state_dict, is_refocus_state_dict
 
+CHECKPOINT_FORMAT = "refconv-train/1"
 FUSED_FORMAT = "refconv-train/fused/1"
 
 
@@ -56,7 +60,120 @@ def atomic_save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.
         raise RefconvError(f"cannot write '{path}' ({e.strerror or e})") from None
 
 
-# ----------------------------------------------------------------------------------------------- RNG
+# ----------------------------------------------------------------------------------------------- reading
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model weights held by a file: our training/fused checkpoints, timm checkpoints, plain state dicts,
+    ``.safetensors``. RefConv training weights are fused into the original architecture's keys."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise RefconvError(f"pretrained weights file '{path}' not found")
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = _extract_state_dict(safe_torch_load(path), path)
+    state = {_strip_prefixes(k): v for k, v in state.items()}
+    return fuse_state_dict(state) if is_refocus_state_dict(state) else state
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)`` on CPU, with one-line errors; pickled code is refused, never run."""
+    path = Path(path)
+    if not path.is_file():
+        raise RefconvError(f"checkpoint '{path}' not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"unsupported GLOBAL (\S+)", str(e))
+        if not found:
+            raise RefconvError(f"checkpoint '{path}' is not a readable PyTorch file (corrupt or truncated?)") from None
+        raise RefconvError(f"checkpoint '{path}' holds pickled objects or code ({found.group(1)}) that weights-only "
+                           f"loading refuses; re-save it as a plain state dict if you trust it") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise RefconvError(f"checkpoint '{path}' is not a readable PyTorch file ({_first_line(e)[:160]})") from None
+
+
+def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        if obj.get("format") == CHECKPOINT_FORMAT:
+            obj = obj["model"]
+        else:
+            for key in ("state_dict", "model", "state_dict_ema", "model_ema"):  # fused/timm, torchvision refs, EMA
+                if isinstance(obj.get(key), dict):
+                    obj = obj[key]
+                    break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+    raise RefconvError(f"'{path}' holds no model state dict (expected a state dict or a checkpoint with "
+                       f"'state_dict' or 'model')")
+
+
+def _strip_prefixes(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):  # DDP and torch.compile wrappers
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key.replace("._orig_mod.", ".")
+
+
+# ----------------------------------------------------------------------------------------------- training checkpoints
+@dataclass
+class Progress:
+    """Where a run stands: what a training checkpoint holds besides the model and optimizer states."""
+
+    epoch: int = 0  # completed epochs
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch
+    global_step: int = 0
+    best_top1: float = -1.0
+    history: list[dict] = field(default_factory=list)  # one summary row per epoch
+
+
+def training_checkpoint(model: nn.Module, optimizer, scheduler, scaler, progress: Progress, rng: list,
+                        config: dict) -> dict[str, Any]:
+    """The ``refconv-train/1`` dict: every state a bit-identical resume needs, as weights-only-loadable data.
+    ``rng``: every rank's :func:`rng_state` (model RNG such as dropout differs per rank)."""
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    return {"format": CHECKPOINT_FORMAT, "model": state, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": progress.epoch,
+            "step_in_epoch": progress.step_in_epoch, "global_step": progress.global_step,
+            "best_top1": progress.best_top1, "history": progress.history, "world_size": len(rng), "rng": rng,
+            "refocus": is_refocus_state_dict(state), "config": config}
+
+
+def resume_path(resume: bool | str, output: Path) -> Path | None:
+    """The checkpoint a run continues from: ``train.resume`` is ``auto`` (``output/last.pth`` if it exists),
+    ``false``, or a path."""
+    if resume is False or resume in ("", "none", "false"):
+        return None
+    if resume in ("auto", True):
+        path = output / "last.pth"
+        return path if path.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise RefconvError(f"train.resume='{resume}' not found; use auto, false or an existing last.pth")
+    return path
+
+
+def restore_training(ckpt: dict[str, Any], model: nn.Module, optimizer, scheduler, scaler, rank: int,
+                     world_size: int) -> tuple[Progress, bool]:
+    """Load a training checkpoint into a run's objects (the model strictly; the optimizer with each group's
+    ``lr_scale``) and set this rank's RNG state. Returns the progress, and whether the checkpoint has this world
+    size (if not, rank 0's RNG state is used and data order continues only approximately)."""
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise RefconvError(f"resume checkpoint does not fit this model/config ({str(e).splitlines()[0]}); "
+                           f"use another train.output or train.resume=false") from None
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    same_world = ckpt.get("world_size", 1) == world_size
+    set_rng_state(ckpt["rng"][rank] if same_world else ckpt["rng"][0])
+    progress = Progress(int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", 0)), int(ckpt["global_step"]),
+                        float(ckpt["best_top1"]), list(ckpt.get("history", [])))
+    return progress, same_world
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step touches, as weights-only-loadable data (tensors, ints, lists)."""
     np_state = np.random.get_state()
@@ -120,3 +237,8 @@ def fused_checkpoint(model: nn.Module, arch: str, num_classes: int, config: dict
         "config": config,
         "max_abs_diff": float(max_abs_diff),
     }
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__

@@ -94,7 +94,7 @@ class TrainConfig:
     compile: bool = False
     sync_bn: bool = False
     eval_every: int = 1  # epochs
-    log_every: int = 50  # steps
+    log_every: int = 10  # optimizer steps between reads of the loss and the stop flag on CUDA (CPU: every step)
     max_nonfinite_skips: int = 0
     deterministic: bool = False
     max_steps_per_epoch: int = 0  # 0 = whole epoch; for smoke tests

@@ -10,6 +10,9 @@ the model), and ``W_r`` stays out of DDP's reducer. The gradients equal plain au
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as torch_dist
 from torch import nn
@@ -19,9 +22,11 @@ from .refocus import Refocus, refocused_convs
 
 
 class PerStepTransform:
-    """Use as ``begin()`` before a step's first micro-batch, ``finish()`` after its last backward (before gradient
-    clipping and the optimizer step), ``clear()`` when a step is abandoned. ``distributed``: all-reduce (mean)
-    ``dL/dW_t`` over the default process group, as DDP does for the other parameters."""
+    """``with transform.step(): <the step's micro-batches, forward + backward>``, then clip and step the optimizer.
+
+    Entering computes each ``W_t`` once; leaving normally backpropagates the accumulated ``dL/dW_t`` into ``W_r``'s
+    ``.grad`` (averaged over ranks when ``distributed``, as DDP does for the other parameters); leaving on an error
+    drops the pinned ``W_t``, so the parametrization computes it again on its next use."""
 
     def __init__(self, model: nn.Module, distributed: bool = False) -> None:
         self.layers: list[tuple[Refocus, nn.Parameter]] = [
@@ -34,7 +39,7 @@ class PerStepTransform:
     @staticmethod
     def exclude_from_ddp(model: nn.Module) -> None:
         """Keep the transform's trainable inputs (``W_r``; ``W_b`` when trainable) out of DDP's gradient reducer:
-        their gradients come from :meth:`finish`, already averaged. Call before wrapping the model in DDP, and make
+        their gradients come from :meth:`step`, already averaged. Call before wrapping the model in DDP, and make
         sure every rank starts from the same ``W_r`` (DDP no longer broadcasts them): :meth:`broadcast`."""
         names = [name for name, p in _transform_inputs(model).items() if p.requires_grad]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
@@ -47,16 +52,25 @@ class PerStepTransform:
                     if p.requires_grad:
                         torch_dist.broadcast(p, src=0)
 
-    def begin(self) -> None:
-        self.clear()
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        self._begin()
+        try:
+            yield
+        except BaseException:
+            self._clear()
+            raise
+        self._finish()
+
+    def _begin(self) -> None:
+        self._clear()
         with torch.enable_grad():
             for refocus, base in self.layers:
                 out = refocus(base)  # the module's own arithmetic (GEMM or grouped conv), with its graph
                 refocus.step_weight = out.detach().requires_grad_()
                 self._outputs.append(out)
 
-    def finish(self) -> None:
-        """Backpropagate the accumulated ``dL/dW_t`` (averaged over ranks) into ``W_r``'s ``.grad``."""
+    def _finish(self) -> None:
         if not self._outputs:
             return
         grads = [torch.zeros_like(r.step_weight) if r.step_weight.grad is None else r.step_weight.grad
@@ -69,13 +83,13 @@ class PerStepTransform:
         outputs, self._outputs = self._outputs, []
         for i, (refocus, _) in enumerate(self.layers):
             # Layer by layer, dropping each W_t and dL/dW_t once used: the peak holds one layer's W_r gradient
-            # on top of them, not all at once (resnet18 peak over plain autograd: +132 MiB before, -5 to +14 after).
+            # on top of them, not all of them at once (docs/performance.md).
             refocus.step_weight = None
             out, grad, outputs[i], grads[i] = outputs[i], grads[i], None, None
             torch.autograd.backward(out, grad.view_as(out))
             del out, grad
 
-    def clear(self) -> None:
+    def _clear(self) -> None:
         self._outputs = []
         for refocus, _ in self.layers:
             refocus.step_weight = None

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import FUSED_FORMAT, describe
+from .checkpoint import CHECKPOINT_FORMAT, FUSED_FORMAT, describe, read_state_dict, safe_torch_load
 from .config import Config, config_from_dict
 from .errors import RefconvError
-from .models import CHECKPOINT_FORMAT, build_model, load_state_dict_checked, read_state_dict, safe_torch_load
+from .factories import build_training_model
+from .models import build_model, load_state_dict_checked
 from .refocus import is_refocus_state_dict
-from .trainer import build_training_model
 
 
 @dataclass

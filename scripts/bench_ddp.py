@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refconv_train import build_model, refocus_model  # noqa: E402
 from refconv_train.config import OptimConfig  # noqa: E402
+from refconv_train.engine import StepSettings, train_step  # noqa: E402
+from refconv_train.factories import build_sgd  # noqa: E402
 from refconv_train.per_step import PerStepTransform, ddp_gradient_values  # noqa: E402
-from refconv_train.trainer import build_sgd  # noqa: E402
 
 SETUPS = ("baseline", "refocus", "refocus_per_step")
 
@@ -47,14 +47,11 @@ def make_step(setup: str, args: argparse.Namespace, device: torch.device, x: tor
     opt = build_sgd([p for p in model.parameters() if p.requires_grad], 0.01, OptimConfig())
     reduced = ddp_gradient_values(model, per_step=transform is not None)
 
-    def step() -> None:
-        if transform is not None:
-            transform.begin()
-        F.cross_entropy(ddp(x), y).backward()
-        if transform is not None:
-            transform.finish()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    settings = StepSettings(device=device)
+
+    def step() -> None:  # refconv-train's own step: the engine's, not a copy of it
+        train_step(ddp, [(x, y)], opt, scaler, settings, transform)
 
     return step, reduced
 

@@ -1,12 +1,12 @@
-"""Trainer and data-pipeline throughput, side by side in one process (issue 6).
+"""Trainer and data-pipeline throughput, side by side in one process.
 
 1. Decoded + augmented images/s of ONE data-loading worker (the paper's train transform at --img-size), from JPEGs of
    ImageNet-like size (generated, --src-size px): multiply by data.workers for what a node's loader can feed. Side
    by side, alternating: ours (torchvision.io decode, v2 transforms on uint8, normalization left to the device) and
    the classic one (PIL decode, v1 transforms, ToTensor + Normalize in the worker).
-2. Training images/s of ``refconv_train.engine.train_one_epoch`` (what ``refconv-train`` runs: finiteness checks,
-   loss bookkeeping, progress bar, per-step LR, step hooks) against a bare loop (forward, backward, SGD step) over
-   the same model, DataLoader and batch, alternating blocks; reports the ratio.
+2. Training images/s of the trainer's per-step work (``refconv_train.engine.train_step``, the per-step LR, the loss
+   and finiteness bookkeeping of ``LossMeter``, read every step as on CPU) against a bare loop (forward, backward,
+   SGD step) over the same model, DataLoader and batch, alternating blocks; reports the ratio.
 
     python scripts/bench_pipeline.py --model mobilenetv2_100 --img-size 128 --batch-size 32 --workers 2
 """
@@ -32,8 +32,8 @@ from refconv_train import build_model, refocus_model  # noqa: E402
 from refconv_train.config import OptimConfig  # noqa: E402
 from refconv_train.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_loader, build_transform  # noqa: E402
 from refconv_train.demo_data import make_demo_data  # noqa: E402
-from refconv_train.engine import StepSettings, train_one_epoch  # noqa: E402
-from refconv_train.trainer import build_scheduler  # noqa: E402
+from refconv_train.engine import LossMeter, StepSettings, train_step  # noqa: E402
+from refconv_train.factories import build_scheduler  # noqa: E402
 
 
 def decode_rates(datasets: dict, n: int, repeats: int = 3) -> dict[str, float]:
@@ -110,6 +110,7 @@ def main(argv=None) -> int:
         loader = build_loader(dataset, args.batch_size, train=True, workers=args.workers, distributed=False,
                               rank=0, world_size=1, seed=0, pin_memory=device.type == "cuda")
         settings = StepSettings(device=device)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
 
         def batches():
             while True:
@@ -127,12 +128,14 @@ def main(argv=None) -> int:
                 if name == "bare":
                     n = bare_loop(model, take(stream, args.steps), optimizer, settings)
                 else:
-                    stats = train_one_epoch(model, take(stream, args.steps), optimizer, scheduler,
-                                            torch.amp.GradScaler(device.type, enabled=False), settings, epoch=0,
-                                            global_step=step, total_steps=args.steps, show_progress=False,
-                                            on_step=lambda s, g, flush: False)
-                    step += stats.steps
-                    n = stats.images
+                    meter, n = LossMeter(device), 0
+                    for batch in take(stream, args.steps):
+                        result = train_step(model, [batch], optimizer, scaler, settings)
+                        meter.add(step, result)
+                        n += result.images
+                        step += 1
+                        scheduler.step_update(num_updates=step)
+                        meter.read(0, optimizer.param_groups[0]["lr"])
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times[name].append(n / (time.perf_counter() - t0))

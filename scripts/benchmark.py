@@ -26,7 +26,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
@@ -34,8 +33,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 from refconv_train import Refocus, build_model, fuse_model, refocus_model  # noqa: E402
 from refconv_train.config import OptimConfig  # noqa: E402
+from refconv_train.engine import StepSettings, train_step  # noqa: E402
+from refconv_train.factories import build_sgd  # noqa: E402
 from refconv_train.per_step import PerStepTransform, ddp_gradient_values  # noqa: E402
-from refconv_train.trainer import build_sgd  # noqa: E402
 
 TRAIN_SETUPS = ("baseline", "refocus", "refocus_per_step")
 EVAL_SETUPS = ("baseline", "refocus", "fused")
@@ -116,8 +116,9 @@ def autocast(args: argparse.Namespace):
 
 def train_step_fn(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor,
                   per_step: bool = False) -> Callable[[], None]:
-    """One training step as a closure (``--accum-steps`` micro-batches): only ``requires_grad`` parameters (W_b is
-    frozen) enter the optimizer. ``per_step``: W_t once per step (PerStepTransform), as refconv-train does."""
+    """One training step of the engine as a closure (``--accum-steps`` micro-batches): only ``requires_grad``
+    parameters (W_b is frozen) enter the optimizer. ``per_step``: W_t once per step (PerStepTransform), as
+    refconv-train does."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if args.sgd == "trainer":
@@ -127,21 +128,12 @@ def train_step_fn(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, y
         opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=4e-5, **impl)
     scaler = torch.amp.GradScaler(args.device, enabled=args.amp == "fp16")
     fwd = torch.compile(model) if args.compile else model
-
     transform = PerStepTransform(model) if per_step else None
+    settings = StepSettings(device=torch.device(args.device), amp=args.amp, channels_last=args.channels_last)
+    micro_batches = [(x, y)] * args.accum_steps
 
-    def step() -> None:
-        if transform:
-            transform.begin()
-        for _ in range(args.accum_steps):
-            with autocast(args):
-                loss = F.cross_entropy(fwd(x), y) / args.accum_steps
-            scaler.scale(loss).backward()
-        if transform:
-            transform.finish()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+    def step() -> None:  # refconv-train's own step: the engine's, not a copy of it
+        train_step(fwd, micro_batches, opt, scaler, settings, transform)
 
     return step
 

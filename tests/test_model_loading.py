@@ -10,7 +10,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from refconv_train import RefconvError, build_model, fuse_model, refocus_model
-from refconv_train.models import CHECKPOINT_FORMAT
+from refconv_train.checkpoint import CHECKPOINT_FORMAT
 
 
 def weights_equal(a, b) -> bool:

@@ -50,11 +50,10 @@ def test_gradients_equal_plain_autograd_under_accumulation(base: str) -> None:
     for x, y in batches:
         (F.cross_entropy(plain(x), y) / len(batches)).backward()
     transform = PerStepTransform(per_step)
-    transform.begin()
-    for x, y in batches:
-        (F.cross_entropy(per_step(x), y) / len(batches)).backward()
-    assert all(p.grad is None for n, p in per_step.named_parameters() if "parametrizations" in n)  # not yet
-    transform.finish()
+    with transform.step():
+        for x, y in batches:
+            (F.cross_entropy(per_step(x), y) / len(batches)).backward()
+        assert all(p.grad is None for n, p in per_step.named_parameters() if "parametrizations" in n)  # not yet
     expected, got = grads(plain), grads(per_step)
     assert set(got) == set(expected) and sum("refocus_weight" in n for n in got) == 3
     assert any(n.endswith(".original") for n in got) == (base == "trainable")
@@ -68,10 +67,10 @@ def test_an_abandoned_step_leaves_the_plain_parametrization() -> None:
     refocus_model(model)
     x = torch.randn(2, 3, 8, 8)
     transform = PerStepTransform(model)
-    transform.begin()
-    pinned = [conv.parametrizations.weight[0].step_weight for conv in refocused_convs(model).values()]
-    assert all(w is not None and w.requires_grad and w.is_leaf for w in pinned)
-    transform.clear()
+    with pytest.raises(RuntimeError, match="a failing micro-batch"), transform.step():
+        pinned = [conv.parametrizations.weight[0].step_weight for conv in refocused_convs(model).values()]
+        assert all(w is not None and w.requires_grad and w.is_leaf for w in pinned)
+        raise RuntimeError("a failing micro-batch")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1)  # a W_t pinned from before this update would now be stale
@@ -118,9 +117,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         ddp2 = DistributedDataParallel(candidate)
         reduced = {n for n, p in candidate.named_parameters() if p.requires_grad} - set(ddp2.parameters_to_ignore)
         assert reduced and not any("parametrizations" in n for n in reduced)  # W_r is not in DDP's reducer
-        transform.begin()
-        _accumulate(ddp2, batches)
-        transform.finish()
+        with transform.step():
+            _accumulate(ddp2, batches)
         torch.save({"expected": grads(reference), "got": grads(candidate)}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -148,9 +146,8 @@ def test_compiled_model_with_per_step_transform_gives_eager_plain_gradients() ->
     x = x.float()
     F.cross_entropy(plain(x), y).backward()
     transform = PerStepTransform(compiled_model)
-    transform.begin()
-    F.cross_entropy(torch.compile(compiled_model)(x), y).backward()
-    transform.finish()
+    with transform.step():
+        F.cross_entropy(torch.compile(compiled_model)(x), y).backward()
     expected, got = grads(plain), grads(compiled_model)
     assert set(got) == set(expected)
     for name in expected:

@@ -21,7 +21,7 @@ from refconv_train import RefconvError, refocus_model
 from refconv_train.config import OptimConfig
 from refconv_train.per_step import PerStepTransform
 from refconv_train.refocus import refocus_delta, refocus_param_groups, refocus_shape, refocused_convs, step_gain
-from refconv_train.trainer import build_scheduler, build_sgd
+from refconv_train.factories import build_scheduler, build_sgd
 
 
 @pytest.mark.parametrize("shape,groups", [((6, 1, 3, 3), 6), ((6, 2, 5, 5), 3), ((4, 3, 3, 3), 1),
@@ -139,9 +139,8 @@ def stepped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ddp: bool = Fals
         transform.broadcast()
         net = DistributedDataParallel(model)
     for step in range(2):
-        transform.begin()
-        F.cross_entropy(net(x), y).backward()
-        transform.finish()
+        with transform.step():
+            F.cross_entropy(net(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         scheduler.step_update(num_updates=step + 1)

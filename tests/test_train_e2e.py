@@ -16,7 +16,7 @@ from refconv_train.cli.train import main as train_main
 from refconv_train.config import OptimConfig
 from refconv_train.demo_data import make_demo_data
 from refconv_train.refocus import BASE_KEY, REFOCUS_KEY
-from refconv_train.trainer import build_scheduler
+from refconv_train.factories import build_scheduler
 
 MODEL = "mobilenetv2_050"
 
@@ -104,7 +104,7 @@ def test_compiled_refocus_run_on_cpu_does_not_recompile_per_step(data_root, tmp_
 
 def test_sync_bn_is_used_only_with_several_cuda_processes_and_refused_on_cpu():
     from refconv_train.errors import RefconvError
-    from refconv_train.trainer import use_sync_bn
+    from refconv_train.factories import use_sync_bn
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert use_sync_bn(True, True, cuda) and not use_sync_bn(True, False, cpu) and not use_sync_bn(False, True, cpu)

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def _run() -> None:
         cfg = load_config(args.config, args.overrides)
-        result = run_training(cfg, args.config)
+        result = run_training(cfg)
         if result.last_eval is not None and not result.stopped:
             print(result.last_eval.line())
 

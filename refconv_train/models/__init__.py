@@ -2,18 +2,7 @@
 registered with timm here (importing this package registers them)."""
 
 from . import hbonet, mobilenext, shufflenetv1  # noqa: F401  (registers the paper's models with timm)
-from .build import (
-    CHECKPOINT_FORMAT,
-    TORCHVISION_PREFIX,
-    build_model,
-    classifier_prefixes,
-    load_pretrained_file,
-    load_state_dict_checked,
-    read_state_dict,
-    safe_torch_load,
-)
+from .build import TORCHVISION_PREFIX, build_model, classifier_prefixes, load_pretrained_file, load_state_dict_checked
 
-__all__ = [
-    "CHECKPOINT_FORMAT", "TORCHVISION_PREFIX", "build_model", "classifier_prefixes", "load_pretrained_file",
-    "load_state_dict_checked", "read_state_dict", "safe_torch_load",
-]
+__all__ = ["TORCHVISION_PREFIX", "build_model", "classifier_prefixes", "load_pretrained_file",
+           "load_state_dict_checked"]

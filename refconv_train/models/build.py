@@ -5,9 +5,6 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import pickle
-import re
-from pathlib import Path
 from typing import Any
 
 import timm
@@ -15,13 +12,12 @@ import torch
 import torchvision
 from torch import nn
 
+from ..checkpoint import read_state_dict
 from ..errors import RefconvError
-from ..refocus import fuse_state_dict, is_refocus_state_dict
 
 log = logging.getLogger(__name__)
 
 TORCHVISION_PREFIX = "torchvision:"
-CHECKPOINT_FORMAT = "refconv-train/1"
 
 
 def build_model(
@@ -80,61 +76,6 @@ def _build_torchvision(name: str, num_classes: int, pretrained: bool, **kwargs: 
 
 
 # ----------------------------------------------------------------------------------------------- local weights
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model weights held by a file: our training/fused checkpoints, timm checkpoints, plain state dicts,
-    ``.safetensors``. RefConv training weights are fused into the original architecture's keys."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise RefconvError(f"pretrained weights file '{path}' not found")
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = _extract_state_dict(safe_torch_load(path), path)
-    state = {_strip_prefixes(k): v for k, v in state.items()}
-    return fuse_state_dict(state) if is_refocus_state_dict(state) else state
-
-
-def safe_torch_load(path: str | os.PathLike) -> Any:
-    """``torch.load(weights_only=True)`` on CPU, with one-line errors; pickled code is refused, never run."""
-    path = Path(path)
-    if not path.is_file():
-        raise RefconvError(f"checkpoint '{path}' not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"unsupported GLOBAL (\S+)", str(e))
-        if not found:
-            raise RefconvError(f"checkpoint '{path}' is not a readable PyTorch file (corrupt or truncated?)") from None
-        raise RefconvError(f"checkpoint '{path}' holds pickled objects or code ({found.group(1)}) that weights-only "
-                           f"loading refuses; re-save it as a plain state dict if you trust it") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise RefconvError(f"checkpoint '{path}' is not a readable PyTorch file ({_first_line(e)[:160]})") from None
-
-
-def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict):
-        if obj.get("format") == CHECKPOINT_FORMAT:
-            obj = obj["model"]
-        else:
-            for key in ("state_dict", "model", "state_dict_ema", "model_ema"):  # fused/timm, torchvision refs, EMA
-                if isinstance(obj.get(key), dict):
-                    obj = obj[key]
-                    break
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return dict(obj)
-    raise RefconvError(f"'{path}' holds no model state dict (expected a state dict or a checkpoint with "
-                       f"'state_dict' or 'model')")
-
-
-def _strip_prefixes(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):  # DDP and torch.compile wrappers
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key.replace("._orig_mod.", ".")
-
-
 def load_pretrained_file(model: nn.Module, path: str | os.PathLike) -> None:
     load_state_dict_checked(model, read_state_dict(path), source=str(path))
 

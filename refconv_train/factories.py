@@ -1,0 +1,65 @@
+"""The pieces of a run built from its config: the model (refocused or not), SGD with its parameter groups, the
+per-step LR schedule. Training, fusing, evaluation and the benchmarks share them without importing the trainer."""
+
+from __future__ import annotations
+
+import torch
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+from .config import Config, OptimConfig
+from .errors import RefconvError
+from .models import build_model
+from .refocus import RefocusReport, refocus_model, refocus_param_groups
+
+
+def build_training_model(cfg: Config, pretrained: bool | str | None = None) -> tuple[nn.Module, RefocusReport | None]:
+    """The backbone with its pretrained weights, refocused when ``refocus.enabled`` (the report is returned)."""
+    m = cfg.model
+    model = build_model(m.name, num_classes=m.num_classes,
+                        pretrained=m.pretrained if pretrained is None else pretrained, **m.kwargs)
+    report = None
+    if cfg.refocus.enabled:
+        r = cfg.refocus
+        report = refocus_model(model, map_k=r.map_k, init=r.init, exclude=r.exclude, base=r.base,
+                               base_init=r.base_init)
+    return model, report
+
+
+def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    """Every trainable parameter once; W_r grouped as ``refocus.step_norm`` / ``refocus.weight_decay`` say."""
+    r = cfg.refocus
+    if not r.enabled:
+        return refocus_param_groups(model)
+    return refocus_param_groups(model, r.step_norm, r.weight_decay)
+
+
+def build_sgd(params: list[nn.Parameter] | list[dict], lr: float, optim: OptimConfig) -> torch.optim.SGD:
+    """SGD with the fused kernel where PyTorch has one: W_r can hold 10x the model's parameters (mobilenetv2_100:
+    40.6M), and the fused step was measured 2.3x faster than the default one on them (docs/performance.md)."""
+    kwargs = dict(lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov)
+    try:
+        return torch.optim.SGD(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.SGD(params, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int) -> CosineLRScheduler:
+    """Per-step LR: linear warmup over ``warmup_epochs`` from ``lr * warmup_start_factor``, then cosine over ``epochs``
+    down to ``min_lr``; the warmup runs before the cosine epochs (the authors run 5 + 100). The peak LR is the
+    optimizer's (already scaled to the global batch); each group's ``lr_scale`` multiplies it. Call
+    ``step_update(num_updates=global_step)`` before the first step and after each one."""
+    peak = optimizer.defaults["lr"]
+    return CosineLRScheduler(
+        optimizer, t_initial=max(optim.epochs * steps_per_epoch, 1), lr_min=optim.min_lr,
+        warmup_t=optim.warmup_epochs * steps_per_epoch, warmup_lr_init=peak * optim.warmup_start_factor,
+        warmup_prefix=True, t_in_epochs=False)
+
+
+def use_sync_bn(sync_bn: bool, distributed: bool, device: torch.device) -> bool:
+    """SyncBatchNorm only matters with several processes, and PyTorch's only runs on CUDA (DDP refuses it on CPU
+    with a traceback): say so in one line instead."""
+    if sync_bn and distributed and device.type != "cuda":
+        raise RefconvError(f"train.sync_bn=true needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only), this run "
+                           f"is on {device.type}: set train.sync_bn=false")
+    return sync_bn and distributed
