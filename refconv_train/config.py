@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import os
 import re
-import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .config_types import Dumper, Loader, Mismatch, coerce, describe
 from .errors import RefconvError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -140,72 +140,6 @@ CHECKS: dict[str, _Check] = {
 }
 
 
-# YAML 1.1 (PyYAML) reads `1e-3` as a string and `2024-01-01` as a date; a config wants a float and a string.
-_EXP_FLOAT = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-class _Dumper(yaml.SafeDumper):
-    pass
-
-
-for _cls in (_Loader, _Dumper):
-    _cls.yaml_implicit_resolvers = {
-        ch: [(tag, rx) for tag, rx in rs if tag != "tag:yaml.org,2002:timestamp"]
-        for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+.0123456789"))
-_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
-
-
-class _Mismatch(Exception):
-    """Internal: a value does not fit a type annotation."""
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Return ``value`` as type ``tp`` (int -> float is the only conversion) or raise :class:`_Mismatch`."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        if value in args and isinstance(value, str):
-            return value
-    elif origin in (typing.Union, types.UnionType):
-        for arg in args:
-            try:
-                return _coerce(value, arg)
-            except _Mismatch:
-                pass
-    elif origin is list and isinstance(value, list):
-        return [_coerce(v, args[0]) for v in value]
-    elif origin is dict and isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return dict(value)
-    elif tp is type(None) and value is None:
-        return None
-    elif isinstance(value, bool) or tp is bool:
-        if tp is bool and isinstance(value, bool):
-            return value
-    elif tp is float and isinstance(value, (int, float)):
-        return float(value)
-    elif tp in (int, str) and isinstance(value, tp):
-        return value
-    raise _Mismatch
-
-
-def _describe(tp: Any) -> str:
-    """Human name of a type annotation, for error messages: 'a float', 'true, false or a string', ..."""
-    names = {int: "an int", float: "a float", bool: "true or false", str: "a string", type(None): "null"}
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is list:
-        return f"a list of {_describe(args[0]).split(' ', 1)[1]}s, e.g. [a, b]"
-    if origin is dict:
-        return "a mapping, e.g. {key: value}"
-    if args:
-        return " or ".join(_describe(a) for a in args).replace("true or false or", "true, false or")
-    return names.get(tp, str(tp))
-
-
 def _unknown(key: str) -> RefconvError:
     """Error for a key that does not exist, suggesting the closest valid dotted key (also matched by its leaf)."""
     close = difflib.get_close_matches(key, KEYS, n=1)
@@ -233,13 +167,13 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     if sub:
         value = {**getattr(getattr(cfg, section), name), sub[0]: value}
     try:
-        value = _coerce(value, tp)
-    except _Mismatch:
+        value = coerce(value, tp)
+    except Mismatch:
         if typing.get_origin(tp) is Literal:
             allowed = ", ".join(typing.get_args(tp))
             raise RefconvError(f"config key '{key}' must be one of {allowed}; got {value!r}") from None
         got = f"{value!r} ({type(value).__name__})"
-        raise RefconvError(f"config key '{key}' expects {_describe(tp)}, got {got}") from None
+        raise RefconvError(f"config key '{key}' expects {describe(tp)}, got {got}") from None
     setattr(getattr(cfg, section), name, value)
 
 
@@ -281,7 +215,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if tp is str or typing.get_origin(tp) is Literal:
         return key, text  # a name or path stays as typed, even if YAML would read it as a number or bool
     try:
-        return key, yaml.load(text, Loader=_Loader)
+        return key, yaml.load(text, Loader=Loader)
     except yaml.YAMLError as e:
         raise RefconvError(f"override {item!r}: value is not valid YAML ({getattr(e, 'problem', e)})") from None
 
@@ -298,7 +232,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         except OSError as e:
             raise RefconvError(f"config file '{os.fspath(path)}' cannot be read: {e.strerror}") from None
         try:
-            data = yaml.load(text, Loader=_Loader)
+            data = yaml.load(text, Loader=Loader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""
@@ -325,5 +259,5 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write ``cfg`` as YAML (parent directories created); :func:`load_config` reads it back equal."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    text = yaml.dump(config_to_dict(cfg), Dumper=Dumper, sort_keys=False, default_flow_style=False)
     Path(path).write_text(text, encoding="utf-8")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..analysis import DEFAULT_CHANNELS, analyze_checkpoint
+from ..analysis import DEFAULT_CHANNELS
+from ..analysis_plots import analyze_checkpoint
 from .common import run_cli
 
 
