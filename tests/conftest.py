@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import train_args
 
 TINY_MODEL = "mobilenetv2_050"
 TINY_CLASSES = 7  # 7 x 3 = 21 val images: odd, and not a multiple of 2 processes x eval batch 4
@@ -25,11 +26,9 @@ class TinyRuns:
 
 
 def tiny_train_args(data: Path, output: Path, *extra: str) -> list[str]:
-    """Overrides for a seconds-long CPU run of refconv-train on the tiny demo data."""
-    return [f"model.name={TINY_MODEL}", f"model.num_classes={TINY_CLASSES}", "model.pretrained=false",
-            f"data.root={data}", f"data.img_size={TINY_SIZE}", "data.batch_size=8", "data.workers=0",
-            "optim.epochs=3", "optim.warmup_epochs=0", "optim.lr=0.01", "train.device=cpu",
-            "train.resume=false", f"train.output={output}", *extra]
+    """:func:`train_args` of the session's tiny runs: 3 epochs, no warmup, a small lr."""
+    return train_args(data, output, TINY_CLASSES, "optim.epochs=3", "optim.warmup_epochs=0", "optim.lr=0.01",
+                      "train.resume=false", *extra)
 
 
 @contextlib.contextmanager

@@ -1,22 +1,18 @@
-"""The Fashion-MNIST reproduction: IDX -> ImageFolder conversion (synthetic IDX files), results table, configs."""
+"""Fashion-MNIST for the study: IDX -> ImageFolder conversion (synthetic IDX files), holdout split, errors."""
 
 from __future__ import annotations
 
-import csv
 import gzip
 import importlib.util
 import json
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import call
+from cli_helpers import assert_one_line_error, call
 from PIL import Image
-
-from refconv_train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,14 +26,6 @@ def load_script(name: str):
 
 
 prep = load_script("prepare_fashion_mnist")
-table = load_script("reproduce_table")
-
-
-def one_line_error(rc: int, err: str) -> str:
-    assert rc == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:
@@ -104,7 +92,8 @@ def test_holdout_takes_the_last_images_of_each_class_out_of_train(idx_src, tmp_p
         of_class = list(np.flatnonzero(labels == label))  # 3 per class, in file order
         assert [int(f.stem) for f in (out / "holdout" / name).glob("*.png")] == of_class[-1:]
         assert [int(f.stem) for f in (out / "train" / name).glob("*.png")] == of_class[:1]  # first of the rest
-    line = one_line_error(*call(prep.main, ["--src", src, "--out", tmp_path / "b", "--holdout-per-class", 3])[::2])
+    rc, _, err = call(prep.main, ["--src", src, "--out", tmp_path / "b", "--holdout-per-class", 3])
+    line = assert_one_line_error(rc, err)
     assert "leaves no training images" in line and not (tmp_path / "b" / "train").exists()
 
 
@@ -121,89 +110,20 @@ def test_the_tree_trains_as_imagefolder(idx_src, tmp_path: Path):
 def test_missing_damaged_and_foreign(idx_src, tmp_path: Path):
     src, _ = idx_src
     (src / "t10k-labels-idx1-ubyte").unlink()
-    line = one_line_error(*call(prep.main, ["--src", src, "--out", tmp_path / "a"])[::2])
+    line = assert_one_line_error(*call(prep.main, ["--src", src, "--out", tmp_path / "a"])[::2])
     assert "t10k-labels-idx1-ubyte[.gz] not found" in line and "--src" in line
     assert not (tmp_path / "a").exists()
 
     (src / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x14" + bytes(5))  # says 20, holds 5
-    assert "truncated" in one_line_error(*call(prep.main, ["--src", src, "--out", tmp_path / "a"])[::2])
+    assert "truncated" in assert_one_line_error(*call(prep.main, ["--src", src, "--out", tmp_path / "a"])[::2])
     (src / "t10k-labels-idx1-ubyte").write_bytes(b"PK\x03\x04 not idx")
-    assert "not an IDX file" in one_line_error(*call(prep.main, ["--src", src, "--out", tmp_path / "a"])[::2])
+    assert "not an IDX file" in assert_one_line_error(*call(prep.main, ["--src", src, "--out", tmp_path / "a"])[::2])
 
     write_idx(src / "t10k-labels-idx1-ubyte", np.repeat(np.arange(10), 2).astype(np.uint8))
     foreign = tmp_path / "foreign"
     (foreign / "train" / "x").mkdir(parents=True)
-    assert "not written by this script" in one_line_error(*call(prep.main, ["--src", src, "--out", foreign])[::2])
+    rc, _, err = call(prep.main, ["--src", src, "--out", foreign])
+    assert "not written by this script" in assert_one_line_error(rc, err)
     assert (foreign / "train" / "x").is_dir()
-    assert "--val-per-class must be >= 1" in one_line_error(
+    assert "--val-per-class must be >= 1" in assert_one_line_error(
         *call(prep.main, ["--src", src, "--out", tmp_path / "b", "--val-per-class", 0])[::2])
-
-
-# ----------------------------------------------------------------------------------------------- results table
-def fake_run(folder: Path, top1: list[float], epochs: int = 2, warmup: int = 1) -> None:
-    folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(f"optim:\n  epochs: {epochs}\n  warmup_epochs: {warmup}\n")
-    with open(folder / "summary.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["epoch", "train_loss", "top1", "top5"])
-        for i, t in enumerate(top1):
-            w.writerow([i + 1, 1.0, t, 99.0])
-
-
-def test_results_table_mean_spread_and_paired_delta(tmp_path: Path):
-    fake_run(tmp_path / "seed0" / "baseline", [80.0, 85.0, 84.0])
-    fake_run(tmp_path / "seed1" / "baseline", [81.0, 86.0, 86.0])
-    fake_run(tmp_path / "seed0" / "refocus", [85.0, 86.0, 87.0])
-    fake_run(tmp_path / "seed1" / "refocus", [85.0, 88.0, 88.0])
-    fake_run(tmp_path / "seed0" / "retrain", [84.0, 85.0])  # stopped after 2 of 3 epochs
-    fake_run(tmp_path / "seed10" / "baseline", [50.0], epochs=1, warmup=0)
-    rc, stdout, err = call(table.main, [tmp_path])
-    assert rc == 0, err
-    text = (tmp_path / "results.md").read_text()
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines() if "|" in line}
-    base = rows[table.VARIANTS["baseline"]]
-    assert base[1:4] == ["3", "73.33 ± 20.23", "50.00 – 86.00"]  # final epochs 84, 86, 50
-    refocus = rows[table.VARIANTS["refocus"]]
-    assert refocus[1:5] == ["2", "87.50 ± 0.71", "87.00 – 88.00", "2.50 ± 0.71"]  # deltas 3 and 2, same seed
-    assert table.VARIANTS["retrain"] not in rows  # unfinished: not in the summary ...
-    assert "| retrain | unfinished (2/3) |  |  |" in text  # ... but shown per seed
-    assert "| seed 0 | seed 1 | seed 10 |" in text
-    assert stdout.rstrip().endswith(f"wrote {tmp_path / 'results.md'}")
-    assert one_line_error(*call(table.main, [tmp_path / "empty"])[::2])
-
-
-# ----------------------------------------------------------------------------------------------- configs, script
-STAGE2 = {
-    "refocus": [],
-    "retrain": ["refocus.enabled=false"],
-    "finetune": ["refocus.enabled=false", "optim.lr=0.001", "optim.warmup_epochs=0", "optim.epochs=6"],
-    "base_random_frozen": ["refocus.base_init=random"],
-    "base_pretrained_trainable": ["refocus.base=trainable"],
-    "base_random_trainable": ["refocus.base=trainable", "refocus.base_init=random"],
-}
-
-
-def test_configs_and_variant_overrides_are_valid():
-    base = load_config(str(ROOT / "configs/fashion_mnist/baseline.yaml"), ["train.seed=3"])
-    assert not base.refocus.enabled and base.model.pretrained is False and base.model.num_classes == 10
-    script = (ROOT / "scripts/reproduce.sh").read_text()
-    for variant, overrides in STAGE2.items():
-        assert f'"$dir/{variant}"' in script
-        cfg = load_config(str(ROOT / "configs/fashion_mnist/refocus.yaml"),
-                          ["model.pretrained=runs/x/best.pth", "train.seed=1", *overrides])
-        same_recipe = ("model", "data") if variant == "finetune" else ("model", "data", "optim")
-        for section in same_recipe:  # stage 2 repeats the baseline's recipe, except where the variant says
-            for key, value in vars(getattr(base, section)).items():
-                if key != "pretrained":
-                    assert getattr(getattr(cfg, section), key) == value, (variant, section, key)
-        assert cfg.optim.warmup_epochs + cfg.optim.epochs == base.optim.warmup_epochs + base.optim.epochs
-
-
-def test_reproduce_sh_parses_and_rejects_bad_arguments():
-    assert subprocess.run(["bash", "-n", ROOT / "scripts/reproduce.sh"]).returncode == 0
-    r = subprocess.run(["bash", ROOT / "scripts/reproduce.sh", "--bogus"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.startswith("error: unknown argument '--bogus'")
-    r = subprocess.run(["bash", ROOT / "scripts/reproduce.sh", "--seeds", "0 x"], capture_output=True, text=True)
-    assert r.returncode == 2 and "seed 'x'" in r.stderr
-    r = subprocess.run(["bash", ROOT / "scripts/reproduce.sh", "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "--quick" in r.stdout

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import train_args
 
 from refconv_train import RefconvError
 from refconv_train import checkpoint as checkpoint_lib
@@ -24,12 +25,10 @@ def data_root(tmp_path_factory) -> Path:
                           size=32)
 
 
-def train_args(data_root: Path, out: Path, *extra: str) -> list[str]:
+def run_args(data_root: Path, out: Path, *extra: str) -> list[str]:
     # 32 images / batch 8 = 4 steps per epoch, 2 epochs = 8 optimizer steps
-    return ["model.name=mobilenetv2_050", "model.num_classes=4", "model.pretrained=false", f"data.root={data_root}",
-            "data.img_size=32", "data.batch_size=8", "data.workers=2", "optim.epochs=1", "optim.warmup_epochs=1",
-            "train.device=cpu", "train.deterministic=true", "train.checkpoint_every_steps=2", f"train.output={out}",
-            *extra]
+    return train_args(data_root, out, 4, "data.workers=2", "optim.epochs=1", "optim.warmup_epochs=1",
+                      "train.deterministic=true", "train.checkpoint_every_steps=2", *extra)
 
 
 def run(argv: list[str], fault: str = "", nproc: int = 0, restarts: int = 0, timeout: int = 400):
@@ -57,18 +56,18 @@ def assert_same_weights(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(data_root, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("straight")
-    proc = run(train_args(data_root, out))
+    proc = run(run_args(data_root, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return final_weights(out)
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run_bit_for_bit(data_root, tmp_path, uninterrupted):
     out = tmp_path / "killed"
-    proc = run(train_args(data_root, out), fault="kill@6")  # epoch 1, step 2: right after a step checkpoint
+    proc = run(run_args(data_root, out), fault="kill@6")  # epoch 1, step 2: right after a step checkpoint
     assert proc.returncode == -9
     ckpt = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == (1, 2, 6)
-    proc = run(train_args(data_root, out))
+    proc = run(run_args(data_root, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and "step 2 of the epoch" in proc.stderr
     assert_same_weights(final_weights(out), uninterrupted)
@@ -76,22 +75,22 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run_bit_for_bit(data
 
 def test_sigterm_writes_the_current_step_exits_cleanly_and_resumes_exactly(data_root, tmp_path, uninterrupted):
     out = tmp_path / "term"
-    proc = run(train_args(data_root, out), fault="sigterm@2")  # arrives after step 2: step 3 finishes
+    proc = run(run_args(data_root, out), fault="sigterm@2")  # arrives after step 2: step 3 finishes
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SIGTERM received" in proc.stderr and "rerun the same command to resume" in proc.stderr
     ckpt = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == (0, 3, 3)
     assert not (out / "fused.pth").exists()
-    assert run(train_args(data_root, out)).returncode == 0
+    assert run(run_args(data_root, out)).returncode == 0
     assert_same_weights(final_weights(out), uninterrupted)
 
 
 def test_elastic_restart_after_a_worker_crash_finishes_with_the_uninterrupted_weights(data_root, tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    proc = run(train_args(data_root, straight, "train.checkpoint_every_steps=1"), nproc=2)
+    proc = run(run_args(data_root, straight, "train.checkpoint_every_steps=1"), nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # One restart is needed; a second one absorbs a rendezvous that times out on a loaded 2-core machine.
-    proc = run(train_args(data_root, crashed, "train.checkpoint_every_steps=1"), fault="crash@5:1", nproc=2,
+    proc = run(run_args(data_root, crashed, "train.checkpoint_every_steps=1"), fault="crash@5:1", nproc=2,
                restarts=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "injected crash at global step 5" in proc.stderr
@@ -101,7 +100,7 @@ def test_elastic_restart_after_a_worker_crash_finishes_with_the_uninterrupted_we
 
 def test_nan_loss_stops_with_one_line_error_and_keeps_the_last_good_checkpoint(data_root, tmp_path):
     out = tmp_path / "nan"
-    proc = run(train_args(data_root, out, "data.workers=0"), fault="nan@3")
+    proc = run(run_args(data_root, out, "data.workers=0"), fault="nan@3")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: non-finite loss at epoch 0 step 2 (lr=")
     ckpt = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
@@ -111,7 +110,7 @@ def test_nan_loss_stops_with_one_line_error_and_keeps_the_last_good_checkpoint(d
 
 def test_nonfinite_steps_can_be_skipped_when_allowed(data_root, tmp_path):
     out = tmp_path / "skip_nan"
-    proc = run(train_args(data_root, out, "data.workers=0", "train.max_nonfinite_skips=1"), fault="nan@3")
+    proc = run(run_args(data_root, out, "data.workers=0", "train.max_nonfinite_skips=1"), fault="nan@3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     weights = torch.load(out / "last.pth", map_location="cpu", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
@@ -120,7 +119,7 @@ def test_nonfinite_steps_can_be_skipped_when_allowed(data_root, tmp_path):
 def test_corrupt_image_is_skipped_and_counted_with_skip(tmp_path):
     root = make_demo_data(tmp_path / "d", num_classes=4, train_per_class=8, val_per_class=2, size=32)
     sorted((root / "train" / "c02_triangle").iterdir())[1].write_bytes(b"\xff\xd8\xff not a jpeg")
-    proc = run(train_args(root, tmp_path / "r", "data.on_bad_image=skip", "optim.warmup_epochs=0"))
+    proc = run(run_args(root, tmp_path / "r", "data.on_bad_image=skip", "optim.warmup_epochs=0"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipped 1 unreadable training images" in proc.stderr
 

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import assert_one_line_error, train_args
 from conftest import one_thread
 
 from refconv_train import build_model, max_output_diff
 from refconv_train.cli.train import main as train_main
 from refconv_train.config import OptimConfig
 from refconv_train.demo_data import make_demo_data
-from refconv_train.refocus import BASE_KEY, REFOCUS_KEY
 from refconv_train.factories import build_scheduler
+from refconv_train.refocus import BASE_KEY, REFOCUS_KEY
 
 MODEL = "mobilenetv2_050"
 
@@ -28,9 +29,7 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def args(data_root: Path, out: Path, *extra: str) -> list[str]:
-    return [f"model.name={MODEL}", "model.num_classes=4", "model.pretrained=false", f"data.root={data_root}",
-            "data.img_size=32", "data.batch_size=8", "data.workers=0", "optim.epochs=1", "optim.warmup_epochs=1",
-            "optim.lr=0.4", "train.device=cpu", f"train.output={out}", *extra]
+    return train_args(data_root, out, 4, "optim.epochs=1", "optim.warmup_epochs=1", "optim.lr=0.4", *extra)
 
 
 def load(path: Path) -> dict:
@@ -188,20 +187,17 @@ def run_cli(argv: list[str]) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert lines and lines[-1].startswith("error: ") and re.search(pattern, lines[-1]), proc.stderr[-2000:]
+def cli_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    assert_one_line_error(proc.returncode, proc.stderr, pattern)
 
 
 def test_bad_input_is_a_one_line_error_and_leaves_checkpoints_untouched(data_root, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "last.pth").write_bytes(b"precious")
-    assert_one_line_error(run_cli(args(tmp_path / "nope", out)), r"data root .*nope")
-    assert_one_line_error(run_cli(args(data_root, out, "model.num_classes=5")), r"4 class.*5|5.*4 class")
-    assert_one_line_error(run_cli(args(data_root, out, "optim.lrr=0.1")), r"did you mean 'optim.lr'")
+    cli_error(run_cli(args(tmp_path / "nope", out)), r"data root .*nope")
+    cli_error(run_cli(args(data_root, out, "model.num_classes=5")), r"4 class.*5|5.*4 class")
+    cli_error(run_cli(args(data_root, out, "optim.lrr=0.1")), r"did you mean 'optim.lr'")
     assert (out / "last.pth").read_bytes() == b"precious"
 
 
@@ -210,11 +206,11 @@ def test_broken_data_folders_are_one_line_errors(tmp_path):
     empty = root / "train" / "c01_square"
     for f in empty.iterdir():
         f.unlink()
-    assert_one_line_error(run_cli(args(root, tmp_path / "r1")), r"c01_square")
+    cli_error(run_cli(args(root, tmp_path / "r1")), r"c01_square")
     root2 = make_demo_data(tmp_path / "d2", num_classes=4, train_per_class=4, val_per_class=2, size=32)
     bad = sorted((root2 / "train" / "c00_circle").iterdir())[0]
     bad.write_bytes(b"\xff\xd8\xff garbage")
-    assert_one_line_error(run_cli(args(root2, tmp_path / "r2")), re.escape(bad.name))
+    cli_error(run_cli(args(root2, tmp_path / "r2")), re.escape(bad.name))
 
 
 def test_summary_rows_hold_the_per_epoch_numbers(data_root, tmp_path):
