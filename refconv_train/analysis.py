@@ -5,9 +5,9 @@ Math (small, tested, model-free: everything comes from ``W_b`` and ``W_r`` in th
 - :func:`connection_degree`: how strongly output kernel channel ``i`` of ``W_t`` draws on input kernel channel ``j``
   of ``W_b``, ``sum |W_r[i, j', :, :]|`` (Fig. 6). For a depthwise layer ``W_r`` is ``(C, C, m, m)`` and this is the
   full ``C x C`` matrix; for other layers each kernel channel only sees the ``g`` of its group (block diagonal).
-- :func:`kernel_kl_matrix`: channel redundancy (Fig. 7). Each 2-D kernel (a "kernel channel", DESIGN 1 numbering
-  ``j = o * C_in/g + i``) is flattened and softmax-normalised over its ``kh*kw`` values; entry ``(i, j)`` is
-  ``KL(p_i || p_j)``. Low values = similar, i.e. redundant, kernels.
+- :func:`kernel_kl_matrix`: channel redundancy (Fig. 7). Each 2-D kernel (a "kernel channel", numbered
+  ``j = o * C_in/g + i`` as in docs/design.md section 1) is flattened and softmax-normalised over its ``kh*kw``
+  values; entry ``(i, j)`` is ``KL(p_i || p_j)``. Low values = similar, i.e. redundant, kernels.
 - :func:`layer_stats`: per-layer summary (kind, ``||W_t - W_b|| / ||W_b||``, ``W_r`` size, mean pairwise KL).
 
 The figures and files of ``refconv-analyze`` are in :mod:`refconv_train.analysis_plots`.

@@ -1,4 +1,4 @@
-"""YAML file + dotted command-line overrides -> one validated, typed :class:`Config` (DESIGN 3).
+"""YAML file + dotted command-line overrides -> one validated, typed :class:`Config` (docs/design.md section 3).
 
 Every key has a type annotation; values are checked against it as they are set, so an error names the exact key
 (file or override) and says how to fix it. Checkpoints store :func:`config_to_dict` (plain data, loadable with

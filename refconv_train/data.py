@@ -85,7 +85,7 @@ def _memory_format(images: torch.Tensor) -> torch.memory_format:
 
 # Formats torchvision.io decodes (libjpeg-turbo, libpng, ...). Per worker, 500x375 JPEG -> random-resized crop to
 # 224 px + flip (docs/performance.md): torchvision.io + v2 on uint8 tensors 935 img/s, PIL decode + the same 691,
-# PIL + v1 transforms + ToTensor/Normalize (before) 500. Others (BMP, TIFF, PPM, ...) go through PIL.
+# PIL + v1 transforms + ToTensor/Normalize 500. Others (BMP, TIFF, PPM, ...) go through PIL.
 TENSOR_DECODABLE = {".jpg", ".jpeg", ".png", ".gif", ".webp"}
 
 

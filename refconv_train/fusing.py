@@ -72,8 +72,8 @@ def fused_outputs(out: str | os.PathLike, formats: tuple[str, ...] = ("pth", "sa
 
 def write_fused(result: FuseResult, outputs: dict[str, Path], arch: str, num_classes: int, config: dict,
                 img_size: int) -> list[Path]:
-    """Write each output atomically: the DESIGN 4 fused checkpoint (``pth``), its bare state dict (``safetensors``),
-    an ONNX export with a dynamic batch axis (``onnx``, ``pip install .[onnx]``)."""
+    """Write each output atomically: the fused checkpoint of docs/design.md section 4 (``pth``), its bare state dict
+    (``safetensors``), an ONNX export with a dynamic batch axis (``onnx``, ``pip install .[onnx]``)."""
     for fmt, path in outputs.items():
         if fmt == "pth":
             atomic_save(fused_checkpoint(result.model, arch, num_classes, config, result.max_abs_diff), path)

@@ -20,7 +20,7 @@ $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__ver
   | tee -a "$OUT/summary.txt"
 $PY scripts/make_demo_data.py --out /tmp/demo >/dev/null
 
-# 1. refocus vs baseline training step, eval of the fused model (issue 6 GPU targets)
+# 1. refocus vs baseline training step, eval of the fused model (the GPU targets in docs/performance.md)
 for m in ${BENCH_MODELS-mobilenetv2_100 resnet18}; do
   step "bench_$m" 150 $PY scripts/benchmark.py --device cuda --amp bf16 --channels-last --model $m \
     --img-size 224 --batch-size 128 --json "$OUT/bench_$m.json"

@@ -66,7 +66,7 @@ def test_connection_degree_equals_loops_depthwise_and_grouped():
 
 def test_kernel_kl_matrix_equals_torch_kl_div():
     torch.manual_seed(0)
-    weight = torch.randn(5, 2, 3, 3)  # 10 kernel channels (DESIGN 1 numbering: j = o * 2 + i)
+    weight = torch.randn(5, 2, 3, 3)  # 10 kernel channels (docs/design.md section 1 numbering: j = o * 2 + i)
     got = analysis.kernel_kl_matrix(weight, channels=7)
     assert got.shape == (7, 7)
     kernels = weight.reshape(10, 9).double()

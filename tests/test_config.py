@@ -1,4 +1,4 @@
-"""Config: defaults per DESIGN 3, YAML + dotted overrides, one-line errors that name the key, round trips."""
+"""Config (docs/design.md section 3): YAML + dotted overrides, one-line errors that name the key, round trips."""
 
 import pytest
 import yaml

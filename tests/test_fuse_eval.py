@@ -1,4 +1,4 @@
-"""refconv-fuse and refconv-eval end to end (DESIGN 4, 5), on one tiny CPU training run shared by the session."""
+"""refconv-fuse and refconv-eval end to end (docs/design.md sections 4, 5), on one tiny CPU run per session."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ from torch import nn
 
 from refconv_train import RefconvError, build_model, fuse_model, randomize_bn_stats
 from refconv_train.config import load_config
-from refconv_train.refocus import refocus_parameters, refocused_convs
 from refconv_train.factories import build_training_model
+from refconv_train.refocus import refocus_parameters, refocused_convs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

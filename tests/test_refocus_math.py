@@ -1,4 +1,4 @@
-"""The refocus transform against an independent reference: explicit loops over 2-D kernels (DESIGN 1)."""
+"""The refocus transform against an independent reference: explicit loops over 2-D kernels (docs/design.md sec. 1)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""refconv-train --config FILE [section.key=value ...]: baseline or RefConv training (DESIGN 3, 5)."""
+"""refconv-train --config FILE [section.key=value ...]: baseline or RefConv training (docs/design.md sections 3, 5)."""
 
 from __future__ import annotations
 
