@@ -83,9 +83,8 @@ def _memory_format(images: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-# Formats torchvision.io decodes (libjpeg-turbo, libpng, ...). Per worker, 500x375 JPEG -> random-resized crop to
-# 224 px + flip (docs/performance.md): torchvision.io + v2 on uint8 tensors 935 img/s, PIL decode + the same 691,
-# PIL + v1 transforms + ToTensor/Normalize 500. Others (BMP, TIFF, PPM, ...) go through PIL.
+# Formats torchvision.io decodes (libjpeg-turbo, libpng, ...): faster than PIL per worker (docs/performance.md).
+# Others (BMP, TIFF, PPM, ...) go through PIL.
 TENSOR_DECODABLE = {".jpg", ".jpeg", ".png", ".gif", ".webp"}
 
 
@@ -139,7 +138,7 @@ class CheckedImageFolder(ImageFolder):
         if isinstance(key, tuple):
             index, seed = key
             # The CPU generator alone (what the transforms draw from): torch.manual_seed also seeds every
-            # accelerator's, ~70x the cost, per image (135 vs 2 us, measured).
+            # accelerator's generator, which dominated small images' loading time (docs/performance.md).
             generator = torch.default_generator
             state = generator.get_state()
             generator.manual_seed(seed)

@@ -40,7 +40,7 @@ class PerStepTransform:
     def exclude_from_ddp(model: nn.Module) -> None:
         """Keep the transform's trainable inputs (``W_r``; ``W_b`` when trainable) out of DDP's gradient reducer:
         their gradients come from :meth:`step`, already averaged. Call before wrapping the model in DDP, and make
-        sure every rank starts from the same ``W_r`` (DDP no longer broadcasts them): :meth:`broadcast`."""
+        sure every rank starts from the same ``W_r`` (DDP does not broadcast what it ignores): :meth:`broadcast`."""
         names = [name for name, p in _transform_inputs(model).items() if p.requires_grad]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
 
