@@ -5,29 +5,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from nets import free_port, small_net
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from refconv_train import refocus_model
 from refconv_train.per_step import PerStepTransform
 from refconv_train.refocus import refocused_convs
-
-
-def small_net() -> nn.Module:
-    """Dense, depthwise and grouped 3x3 convs, BN and a classifier: every kind of refocused layer."""
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
-    )
 
 
 def grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -81,12 +71,6 @@ def test_an_abandoned_step_leaves_the_plain_parametrization() -> None:
     assert conv.parametrizations.weight[0].refocus_weight.grad is not None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _accumulate(ddp: DistributedDataParallel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """One step's micro-batches as a DDP trainer runs them: gradients synchronised on the last one only."""
     for i, (x, y) in enumerate(batches):
@@ -126,7 +110,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_ddp_all_reduces_kernel_gradients_and_matches_plain_ddp(tmp_path) -> None:
     out = str(tmp_path / "grads")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), out), nprocs=2, join=True)
     results = [torch.load(f"{out}.{rank}") for rank in range(2)]
     for r in results:
         assert set(r["got"]) == set(r["expected"])

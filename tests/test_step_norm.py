@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
+import nets
 import pytest
 import timm
 import torch
@@ -35,13 +35,8 @@ def test_step_gain_is_the_mean_eigenvalue_of_the_explicit_jacobian(shape, groups
 
 
 def small_net() -> nn.Module:
-    """A wide depthwise conv (large lambda), a dense stem (small lambda) and a grouped conv, BN, a classifier."""
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5),
-    )
+    """A wider depthwise conv (larger lambda) than the shared one, a dense stem (small lambda), a grouped conv."""
+    return nets.small_net(channels=32, groups=4)
 
 
 def optimizer_for(model: nn.Module, step_norm: str, lr: float = 0.1, warmup: int = 0, **optim):
@@ -118,12 +113,6 @@ def test_one_normalised_step_moves_every_kernel_about_as_far_as_plain_training()
     assert max(raw.values()) > 20 and min(raw.values()) < 0.1, raw
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     return torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (8,), generator=g)
@@ -164,7 +153,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_two_process_ddp_with_step_norm_matches_one_process_on_the_global_batch(tmp_path):
     out = str(tmp_path / "weights")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, nets.free_port(), out), nprocs=2, join=True)
     torch.manual_seed(0)
     model = small_net().double().eval()
     refocus_model(model)
