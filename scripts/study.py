@@ -214,7 +214,14 @@ def run_arm(arm: Arm, args) -> None:
     finetune = next(v for v in arm.select if v.name == chosen["finetune"])
     refconv = next(v for v in arm.select if v.name == chosen["refconv"])
     named = {**FIXED, "refconv_norm": norm_variant(arm, finetune)}
-    report = [finetune if n == "{finetune}" else refconv if n == "{refconv}" else named[n] for n in arm.report]
+    report: list[Variant] = []
+    for n in arm.report:
+        v = finetune if n == "{finetune}" else refconv if n == "{refconv}" else named[n]
+        same = next((r for r in report if overrides(r) == overrides(v)), None)
+        if same is None:
+            report.append(v)
+        else:  # e.g. the best RefConv of the selection is zeros + step norm at the control's lr: run it once
+            report[report.index(same)] = Variant(same.name, f"{same.what} (= {v.name})", same.overrides, same.refocus)
     report_dir = root / "report"
     for seed in args.seeds:
         for v in report:
