@@ -223,6 +223,10 @@ def run_arm(arm: Arm, args) -> None:
         else:  # e.g. the best RefConv of the selection is zeros + step norm at the control's lr: run it once
             report[report.index(same)] = Variant(same.name, f"{same.what} (= {v.name})", same.overrides, same.refocus)
     report_dir = root / "report"
+    if arm.baseline and not (report_dir / "baseline_test.json").is_file():  # the start of every run, on test
+        report_dir.mkdir(parents=True, exist_ok=True)
+        sh([str(BIN / "refconv-eval"), "--data", data, "--checkpoint", str(root / "baseline" / "last.pth"),
+            "--workers", "1", "--json", str(report_dir / "baseline_test.json")])
     for seed in args.seeds:
         for v in report:
             train(report_dir / f"seed{seed}" / v.name, stage2 + overrides(v) + ["data.val_split=val",

@@ -138,13 +138,17 @@ def write(root: Path, whats: dict[str, str], seeds: list[int], baseline: Path | 
     lines = [f"# {root}: top-1 % on the {split} split", ""]
     if baseline is not None and (baseline / "summary.csv").is_file():
         lines += [baseline_line(baseline), ""]
-    head = "| variant | what | seeds | final | best epoch | " + " | ".join(f"Δ vs {c} [95% CI]" for c in controls)
-    lines += [head + " | kernel change | s / epoch |", "|" + "---|" * (7 + len(controls))]
+    if (root / "baseline_test.json").is_file():
+        top1 = json.loads((root / "baseline_test.json").read_text())["top1"]
+        lines += [f"The baseline itself on the test split (what every run starts from): top-1 {top1:.2f}.", ""]
+    head = ["variant", "what", "seeds", "final", "best epoch", *(f"Δ vs {c} [95% CI]" for c in controls),
+            "kernel change", "s / epoch"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     table = {}
     for v, what in whats.items():
         rs = [r for r in by[v] if r.finished]
         if not rs:
-            lines.append(f"| {v} | {what} | 0 (unfinished: {len(by[v])}) |" + " |" * (4 + len(controls)))
+            lines.append(f"| {v} | {what} | 0 (unfinished: {len(by[v])}) |" + " |" * (len(head) - 3))
             continue
         cells, deltas = [], {}
         for c in controls:
@@ -153,10 +157,9 @@ def write(root: Path, whats: dict[str, str], seeds: list[int], baseline: Path | 
             interval = f" [{p[1]:+.2f}, {p[2]:+.2f}]" if p is not None and p[3] > 1 else ""
             cells.append("–" if p is None else f"{p[0]:+.2f}{interval}")
         changes = [r.kernel_change for r in rs if r.kernel_change is not None]
-        change = f"{statistics.mean(changes):.3g}" if changes else "–"
-        lines.append(f"| {v} | {what} | {len(rs)} | {mean_std([r.final for r in rs])} | "
-                     f"{mean_std([r.best for r in rs])} | " + " | ".join(cells) +
-                     f" | {change} | {statistics.mean(r.epoch_s for r in rs):.0f} |")
+        row = [v, what, str(len(rs)), mean_std([r.final for r in rs]), mean_std([r.best for r in rs]), *cells,
+               f"{statistics.mean(changes):.3g}" if changes else "–", f"{statistics.mean(r.epoch_s for r in rs):.0f}"]
+        lines.append("| " + " | ".join(row) + " |")
         table[v] = {"what": what, "runs": [asdict(r) for r in rs], "paired": deltas}
     if chosen:
         lines += ["", f"Chosen by final {split} top-1: control {chosen['finetune']}, RefConv {chosen['refconv']}."]
