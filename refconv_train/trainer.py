@@ -135,7 +135,6 @@ class Trainer:
                                      channels_last=t.channels_last, label_smoothing=cfg.optim.label_smoothing,
                                      mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
 
-    # --------------------------------------------------------------------------------------------- state
     def _save(self, name: str) -> None:
         """Collective (every rank contributes its RNG state); rank 0 writes."""
         state = training_checkpoint(self.model, self.optimizer, self.scheduler, self.scaler, self.progress,
