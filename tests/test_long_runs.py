@@ -26,9 +26,11 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def run_args(data_root: Path, out: Path, *extra: str) -> list[str]:
-    # 32 images / batch 8 = 4 steps per epoch, 2 epochs = 8 optimizer steps
+    # 32 images / batch 8 = 4 steps per epoch, 2 epochs = 8 optimizer steps. RefConv with step normalisation: a
+    # resume must also restore every W_r group's lr_scale (a W_r step at the plain lr would move its kernel ~100x).
     return train_args(data_root, out, 4, "data.workers=2", "optim.epochs=1", "optim.warmup_epochs=1",
-                      "train.deterministic=true", "train.checkpoint_every_steps=2", *extra)
+                      "refocus.step_norm=layer", "train.deterministic=true", "train.checkpoint_every_steps=2",
+                      *extra)
 
 
 def run(argv: list[str], fault: str = "", nproc: int = 0, restarts: int = 0, timeout: int = 400):
