@@ -78,7 +78,6 @@ def paper(*extra: str) -> list[str]:
     return ["refocus.enabled=true", "refocus.init=xavier", "refocus.step_norm=none", *extra]
 
 
-SCRATCH_FT = 0.02  # the middle of the fine-tuning lrs tried (per 256 images; the baseline trained at 0.2)
 SCRATCH = Arm(
     "scratch", "configs/study/scratch.yaml", FULL_DATA, ["--holdout-per-class", "500"],
     "configs/study/scratch_baseline.yaml", 2,

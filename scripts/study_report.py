@@ -2,7 +2,7 @@
 """Tables and curves of scripts/study.py: per variant final / best top-1 over the seeds, the paired difference to
 each control with a 95% interval, how far the kernels moved, seconds per epoch.
 
-    scripts/study_report.py runs/study/scratch/report --controls finetune_lr0.02 retrain
+    scripts/study_report.py runs/study/scratch/report --controls finetune_lr0.06 retrain
 
 Reads <dir>/seed<S>/<variant>/{summary.csv,config.yaml,last.pth}; writes <dir>/results.md, results.json, curves.png.
 """
@@ -197,6 +197,7 @@ def plot(root: Path, by: dict[str, list[Run]], whats: dict[str, str], split: str
             ax.fill_between(x, [min(c[i] for c in curves) for i in range(n)],
                             [max(c[i] for c in curves) for i in range(n)], color=line.get_color(), alpha=0.15)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(f"{split} top-1 % (mean, band: min-max over seeds)")
     ax.set_title(str(root))
     ax.grid(alpha=0.3)
