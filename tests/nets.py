@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
+import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -21,3 +24,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """In an ``mp.spawn`` worker: one CPU thread (the ranks share 2 cores), a gloo process group on localhost."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from nets import free_port, small_net
+from nets import free_port, init_gloo, small_net
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -80,9 +79,7 @@ def _accumulate(ddp: DistributedDataParallel, batches: list[tuple[torch.Tensor, 
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         torch.manual_seed(0)
         reference = small_net().double()

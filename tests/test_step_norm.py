@@ -4,7 +4,6 @@ and the same step under DDP as in one process."""
 from __future__ import annotations
 
 import copy
-import os
 
 import nets
 import pytest
@@ -136,9 +135,7 @@ def stepped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ddp: bool = Fals
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    nets.init_gloo(rank, world, port)
     try:
         torch.manual_seed(0)
         model = small_net().double().eval()
