@@ -28,7 +28,8 @@ for seed in $SEEDS; do
     echo "== $dir"
     mkdir -p "$dir"
     # shellcheck disable=SC2086  # the overrides are words
-    "$BIN/refconv-train" "${common[@]}" ${variant[$name]} "train.seed=$seed" "train.output=$dir" >> "$dir/train.log" 2>&1
+    "$BIN/refconv-train" "${common[@]}" ${variant[$name]} "train.seed=$seed" "train.output=$dir" \
+      >> "$dir/train.log" 2>&1 || { echo "$(tail -1 "$dir/train.log") (log: $dir/train.log)" >&2; exit 1; }
     touch "$dir/DONE"
   done
 done
