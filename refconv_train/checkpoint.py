@@ -63,7 +63,8 @@ def atomic_save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.
 # ----------------------------------------------------------------------------------------------- reading
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model weights held by a file: our training/fused checkpoints, timm checkpoints, plain state dicts,
-    ``.safetensors``. RefConv training weights are fused into the original architecture's keys."""
+    ``.safetensors``. Re-parameterized training weights (RefConv, ACB, ...) are fused into the original
+    architecture's keys."""
     path = Path(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
@@ -72,9 +73,23 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         state = load_file(str(path))
     else:
-        state = _extract_state_dict(safe_torch_load(path), path)
+        obj = safe_torch_load(path)
+        if _reparam_method(obj) not in ("none", "refconv"):
+            from .restore import fused_training_weights  # restore builds models: it imports this module
+
+            return fused_training_weights(obj, path)
+        state = _extract_state_dict(obj, path)
     state = {_strip_prefixes(k): v for k, v in state.items()}
     return fuse_state_dict(state) if is_refocus_state_dict(state) else state
+
+
+def _reparam_method(obj: Any) -> str:
+    """A training checkpoint's re-parameterization as its stored config says (``none`` for anything else)."""
+    if not (isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT):
+        return "none"
+    if is_refocus_state_dict(obj.get("model", {})):
+        return "refconv"
+    return str((obj.get("config") or {}).get("reparam", {}).get("method", "none"))
 
 
 def safe_torch_load(path: str | os.PathLike) -> Any:
@@ -218,7 +233,7 @@ def describe(obj: Any) -> str:
     if obj.get("format") == FUSED_FORMAT:
         return "a fused checkpoint (already the original architecture)"
     if obj.get("format") == CHECKPOINT_FORMAT:
-        kind = "RefConv" if is_refocus_state_dict(obj.get("model", {})) else "baseline"
+        kind = {"refconv": "RefConv", "none": "baseline"}.get(_reparam_method(obj), _reparam_method(obj).upper())
         return f"a {kind} training checkpoint"
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return f"a plain state dict of {len(obj)} tensors"

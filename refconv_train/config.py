@@ -51,6 +51,16 @@ class RefocusConfig:
 
 
 @dataclass
+class ReparamConfig:
+    """The paper's comparison methods (refconv_train.reparam, docs/design.md section 6); RefConv stays refocus.*."""
+
+    method: Literal["none", "acb", "repvgg", "dbb", "wn", "cwn", "own"] = "none"
+    exclude: list[str] = field(default_factory=list)  # regexes over module names
+    branch_scale: float = 0.0  # acb/repvgg/dbb: initial scale of each new branch's last BN; 0 = exact start
+    own_group: int = 0  # own: output filters per whitening group; 0 = fan-in - 1 (the most)
+
+
+@dataclass
 class DataConfig:
     root: str = "imagenet/"  # holds <train_split>/ and <val_split>/ as ImageFolder trees
     img_size: int = 224
@@ -106,6 +116,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     refocus: RefocusConfig = field(default_factory=RefocusConfig)
+    reparam: ReparamConfig = field(default_factory=ReparamConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -125,6 +136,7 @@ CHECKS: dict[str, _Check] = {
     "model.num_classes": _POS,
     "refocus.map_k": (lambda v: v > 0 and v % 2 == 1, "be an odd positive integer"),
     "refocus.weight_decay": (lambda v: v is None or v >= 0, "be >= 0 or null"),
+    "reparam.branch_scale": _NONNEG, "reparam.own_group": _NONNEG,
     "data.img_size": _POS, "data.batch_size": _POS, "data.workers": _NONNEG, "data.eval_batch_size": _NONNEG,
     "data.crop_pct": (lambda v: 0 < v <= 1, "be in (0, 1]"), "data.mean": _RGB,
     "data.scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "be [min, max] with 0 < min <= max <= 1"),
@@ -202,7 +214,25 @@ def _finish(cfg: Config, name: str) -> Config:
         value = getattr(getattr(cfg, section), attr)
         if not ok(value):
             raise RefconvError(f"config key '{key}' must {text}, got {value!r}")
+    _check_method(cfg)
     return cfg
+
+
+# Options that only one family of methods reads: set for another method, they would be silently ignored.
+_METHOD_OPTIONS = {"branch_scale": ("acb", "repvgg", "dbb"), "own_group": ("own",)}
+
+
+def _check_method(cfg: Config) -> None:
+    """One re-parameterization per run, and no option that the chosen method would ignore."""
+    method = cfg.reparam.method
+    if method != "none" and cfg.refocus.enabled:
+        raise RefconvError(f"reparam.method={method} and refocus.enabled=true ask for two re-parameterizations: set "
+                           f"refocus.enabled=false to train {method}, or reparam.method=none to train RefConv")
+    defaults = ReparamConfig()
+    for key, methods in _METHOD_OPTIONS.items():
+        if getattr(cfg.reparam, key) != getattr(defaults, key) and method not in methods:
+            raise RefconvError(f"config key 'reparam.{key}' applies to reparam.method {' / '.join(methods)} only, "
+                               f"not {method}: remove it or pick one of those methods")
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -241,7 +271,18 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         _apply_mapping(cfg, {} if data is None else data, f"config file '{os.fspath(path)}'")
     for item in overrides:
         _set(cfg, *parse_override(item))
-    return _finish(cfg, Path(path).stem if path is not None else cfg.model.name)
+    return check_refocus_base(_finish(cfg, Path(path).stem if path is not None else cfg.model.name))
+
+
+def check_refocus_base(cfg: Config) -> Config:
+    """RefConv refocuses trained kernels: ``refocus.enabled`` with ``model.pretrained=false`` refocuses a random
+    init, which the paper's Fig. 5 shows hurts; only ``refocus.base_init=random`` (that ablation) asks for it.
+    Checked on the configs runs start from, not on those stored in checkpoints (their weights are in the file)."""
+    if cfg.refocus.enabled and cfg.model.pretrained is False and cfg.refocus.base_init == "pretrained":
+        raise RefconvError("refocus.enabled=true with model.pretrained=false would refocus randomly initialised "
+                           "kernels: load the baseline's weights with model.pretrained=<checkpoint or true>, or ask "
+                           "for the paper's ablation with refocus.base_init=random")
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

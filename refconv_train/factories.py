@@ -11,18 +11,33 @@ from .config import Config, OptimConfig
 from .errors import RefconvError
 from .models import build_model
 from .refocus import RefocusReport, refocus_model, refocus_param_groups
+from .reparam import ReparamReport, apply_reparam
+from .reparam.protocol import example_input
 
 
-def build_training_model(cfg: Config, pretrained: bool | str | None = None) -> tuple[nn.Module, RefocusReport | None]:
-    """The backbone with its pretrained weights, refocused when ``refocus.enabled`` (the report is returned)."""
+def method_of(cfg: Config) -> str:
+    """The run's re-parameterization: ``refconv``, one of ``reparam.method``'s, or ``none`` (plain training)."""
+    return "refconv" if cfg.refocus.enabled else cfg.reparam.method
+
+
+def build_training_model(cfg: Config, pretrained: bool | str | None = None
+                         ) -> tuple[nn.Module, RefocusReport | ReparamReport | None]:
+    """The backbone with its pretrained weights, re-parameterized as the config says (RefConv when
+    ``refocus.enabled``, else ``reparam.method``); the method's report is returned (None for plain training)."""
     m = cfg.model
     model = build_model(m.name, num_classes=m.num_classes,
                         pretrained=m.pretrained if pretrained is None else pretrained, **m.kwargs)
     report = None
     if cfg.refocus.enabled:
         r = cfg.refocus
+        # pretrained=False: the bare architecture for a checkpoint's weights (resume, restore): nothing to check
         report = refocus_model(model, map_k=r.map_k, init=r.init, exclude=r.exclude, base=r.base,
-                               base_init=r.base_init)
+                               base_init=r.base_init, check_base=pretrained is None)
+    elif cfg.reparam.method != "none":
+        r = cfg.reparam
+        # The hooked forward that pairs convs with their BatchNorms, and the start check, at the run's image size.
+        report = apply_reparam(model, r.method, exclude=r.exclude, branch_scale=r.branch_scale,
+                               own_group=r.own_group, example=example_input(model, cfg.data.img_size))
     return model, report
 
 

@@ -11,37 +11,45 @@ from torch import nn
 from .checkpoint import CHECKPOINT_FORMAT, FUSED_FORMAT, describe, read_state_dict, safe_torch_load
 from .config import Config, config_from_dict
 from .errors import RefconvError
-from .factories import build_training_model
+from .factories import build_training_model, method_of
 from .models import build_model, load_state_dict_checked
-from .refocus import is_refocus_state_dict
+from .reparam import fuse_reparam
 
 
 @dataclass
 class Restored:
     model: nn.Module
-    kind: str  # fused | refocus | baseline | state_dict | library
+    kind: str  # fused | refocus | <reparam.method> (acb, ...) | baseline | state_dict | library
     arch: str
     num_classes: int
     config: Config | None  # the training config, when the checkpoint carries one
 
 
-def restore_refocus_training(path: str | os.PathLike) -> Restored:
-    """A RefConv training checkpoint as the refocused model it was saved from (W_b, W_r), strictly loaded."""
+def restore_reparam_training(path: str | os.PathLike) -> Restored:
+    """A RefConv (or ``reparam.method``) training checkpoint as the model it was saved from, strictly loaded."""
     ckpt = safe_torch_load(path)
     if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT
-            and is_refocus_state_dict(ckpt.get("model", {}))):
-        raise RefconvError(f"'{path}' is not a RefConv training checkpoint (it holds {describe(ckpt)}); "
-                           f"refconv-fuse takes the last.pth/best.pth of a refocus run")
+            and method_of(config_from_dict(ckpt.get("config", {}))) != "none"):
+        raise RefconvError(f"'{path}' is not a re-parameterized training checkpoint (it holds {describe(ckpt)}); "
+                           f"refconv-fuse takes the last.pth/best.pth of a RefConv or reparam.method run")
     return _restore_training(ckpt, path)
 
 
 def _restore_training(ckpt: dict, path: str | os.PathLike) -> Restored:
-    """The model a training checkpoint was saved from (refocused or baseline, as its config says)."""
+    """The model a training checkpoint was saved from (re-parameterized or baseline, as its config says)."""
     cfg = config_from_dict(ckpt["config"])
     model, _ = build_training_model(cfg, pretrained=False)  # every weight then comes from the checkpoint
     _load_strict(model, ckpt["model"], path)
-    kind = "refocus" if is_refocus_state_dict(ckpt["model"]) else "baseline"
+    method = method_of(cfg)
+    kind = {"refconv": "refocus", "none": "baseline"}.get(method, method)
     return Restored(model, kind, cfg.model.name, cfg.model.num_classes, cfg)
+
+
+def fused_training_weights(ckpt: dict, path: str | os.PathLike) -> dict:
+    """The original architecture's state dict of a re-parameterized training checkpoint (rebuilt, then fused)."""
+    model = _restore_training(ckpt, path).model
+    fuse_reparam(model)
+    return model.state_dict()
 
 
 def restore_any(path: str | os.PathLike | None, model_name: str | None = None,

@@ -1,11 +1,15 @@
-"""What a run reports after each epoch: one log line, a row of summary.csv, TensorBoard scalars (rank 0 only)."""
+"""What a run reports: its method once at the start (reparam_report.json and the method's table), then after each
+epoch one log line, a row of summary.csv, TensorBoard scalars (rank 0 only)."""
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 from pathlib import Path
+
+from torch import nn
 
 log = logging.getLogger("refconv_train")
 
@@ -37,3 +41,23 @@ class RunLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def write_method_report(out: Path, model: nn.Module, report, method: str) -> dict:
+    """``reparam_report.json`` (the method, its parameters during training and after fusing, how far the start
+    moved) and the method's table: ``refocus_report.txt`` for RefConv, ``reparam_report.txt`` for the others."""
+    info = {"method": method, "train_params": sum(p.numel() for p in model.parameters()),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if report is not None:
+        log.info(report.summary())
+        name = "refocus_report.txt" if method == "refconv" else "reparam_report.txt"
+        (out / name).write_text(report.table() + "\n")
+        info.update(added_params=getattr(report, "added_params", getattr(report, "refocus_params", 0)),
+                    changed=len(report.layers), skipped=len(report.skipped),
+                    start_max_abs_diff=getattr(report, "start_max_abs_diff", 0.0))
+    write_json(out / "reparam_report.json", info)
+    return info
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n")

@@ -29,12 +29,12 @@ from .config import Config, config_to_dict, save_config
 from .distributed import DistInfo, all_gather, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
 from .engine import EvalResult, LossMeter, StepSettings, evaluate, train_step
 from .errors import RefconvError
-from .factories import build_scheduler, build_sgd, build_training_model, param_groups, use_sync_bn
+from .factories import build_scheduler, build_sgd, build_training_model, method_of, param_groups, use_sync_bn
 from .faults import Fault
 from .fusing import fuse_and_verify, fused_outputs, write_fused
 from .per_step import PerStepTransform
 from .preemption import StopOnSignal
-from .run_log import RunLog
+from .run_log import RunLog, write_json, write_method_report
 
 log = logging.getLogger("refconv_train")
 
@@ -108,9 +108,7 @@ class Trainer:
         cfg, dev, t = self.cfg, self.dist.device, self.cfg.train
         # When resuming, the checkpoint holds every weight: do not fetch pretrained ones (maybe not reachable).
         model, report = build_training_model(cfg, pretrained=False if resuming else None)
-        if report is not None and self.dist.is_main:
-            log.info(report.summary())
-            (self.out / "refocus_report.txt").write_text(report.table() + "\n")
+        self.report = write_method_report(self.out, model, report, method_of(cfg)) if self.dist.is_main else None
         if use_sync_bn(t.sync_bn, self.dist.distributed, dev):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(dev)
@@ -122,7 +120,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=t.amp == "fp16")
         self.transform = None
-        if report is not None and cfg.refocus.per_step_transform:
+        if cfg.refocus.enabled and cfg.refocus.per_step_transform:
             self.transform = PerStepTransform(model, distributed=self.dist.distributed)
             if self.dist.distributed:  # W_r's gradients come from the transform, already averaged over ranks
                 PerStepTransform.exclude_from_ddp(model)
@@ -168,6 +166,7 @@ class Trainer:
                          p.step_in_epoch, p.global_step)
         else:
             torch.manual_seed(cfg.train.seed + dist.rank)
+            self._evaluate_moved_start()
         # The lr of the coming step in every group, lr_scale applied: timm's scheduler only sets it at construction
         # when there is a warmup, and W_r's first step must not run at the unscaled lr.
         self.scheduler.step_update(num_updates=self.progress.global_step)
@@ -182,6 +181,20 @@ class Trainer:
         # leave the other ranks waiting in their collectives until the timeout. Exiting closes the sockets anyway.
         cleanup()
         return result
+
+    def _evaluate_moved_start(self) -> None:
+        """CWN and OWN cannot represent the pretrained kernels and start from their projection: say what that costs
+        before the first step (the report holds the output difference, this the accuracy)."""
+        moved = broadcast_flag(bool(self.report and (self.report.get("start_max_abs_diff") or 0) > 0),
+                               self.dist.device)
+        if not moved:
+            return
+        start = evaluate(self.model, self.val_loader, self.settings, show_progress=self.dist.is_main)
+        if self.dist.is_main:
+            log.info("start moved by %s (max |output change|): before training top1 %.2f, loss %.4f",
+                     self.cfg.reparam.method, start.top1, start.loss)
+            self.report.update(start_top1=start.top1, start_loss=start.loss)
+            write_json(self.out / "reparam_report.json", self.report)
 
     def _epochs(self, run_log: RunLog | None) -> RunResult:
         cfg, p = self.cfg, self.progress
@@ -277,7 +290,7 @@ class Trainer:
     def _finish(self, last_eval: EvalResult | None) -> RunResult:
         cfg, p = self.cfg, self.progress
         diff = None
-        if cfg.refocus.enabled and self.dist.is_main:
+        if method_of(cfg) != "none" and self.dist.is_main:
             fused = fuse_and_verify(self.model, cfg.model.name, cfg.model.num_classes, cfg.data.img_size,
                                     atol=cfg.train.verify_fuse_atol)
             write_fused(fused, fused_outputs(self.out / "fused.pth"), cfg.model.name, cfg.model.num_classes,

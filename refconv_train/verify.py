@@ -26,11 +26,18 @@ def randomize_bn_stats(model: nn.Module, seed: int = 0) -> None:
 @torch.no_grad()
 def output_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
     """Max |a(x) - b(x)|, both models in eval mode (their modes are restored afterwards)."""
+    return output_diff_and_scale(a, b, x)[0]
+
+
+@torch.no_grad()
+def output_diff_and_scale(a: nn.Module, b: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """Max |a(x) - b(x)| and max |a(x)|, both models in eval mode (their modes are restored afterwards)."""
     modes = a.training, b.training
     a.eval()
     b.eval()
     try:
-        return (a(x).float() - b(x).float()).abs().max().item()
+        out_a = a(x).float()
+        return (out_a - b(x).float()).abs().max().item(), out_a.abs().max().item()
     finally:
         a.train(modes[0])
         b.train(modes[1])

@@ -1,4 +1,5 @@
-"""Cost of RefConv: training-step and eval throughput of a model, its refocused twin and the fused result.
+"""Cost of RefConv: training-step and eval throughput of a model, its refocused twin and the fused result; with
+``--methods``, the training cost of the paper's comparison methods (ACB, RepVGG, DBB, WN, CWN, OWN) beside RefConv's.
 
 Both training setups live in ONE process and are timed in alternating blocks (A B A B ...) after warm-up, so drift
 (thermal, other load, allocator state) hits both alike; each number is the median over ``--repeats`` blocks of
@@ -9,6 +10,7 @@ growth of VmHWM over VmRSS from /proc/self/status; CUDA: ``torch.cuda.max_memory
 high-water mark cannot be reset.
 
     python scripts/benchmark.py --model mobilenetv2_100 --img-size 128 --batch-size 32 [--json out.json]
+    python scripts/benchmark.py --model resnet18 --methods acb repvgg dbb wn cwn own   # step time, memory, params
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from refconv_train.config import OptimConfig  # noqa: E402
 from refconv_train.engine import StepSettings, train_step  # noqa: E402
 from refconv_train.factories import build_sgd  # noqa: E402
 from refconv_train.per_step import PerStepTransform, ddp_gradient_values  # noqa: E402
+from refconv_train.reparam import METHODS, apply_reparam  # noqa: E402
+from refconv_train.reparam.protocol import example_input  # noqa: E402
 
 TRAIN_SETUPS = ("baseline", "refocus", "refocus_per_step")
 EVAL_SETUPS = ("baseline", "refocus", "fused")
@@ -68,7 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--threads 1)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--json", metavar="OUT", help="also write the numbers as JSON")
-    p.add_argument("--memory-child", choices=TRAIN_SETUPS, help=argparse.SUPPRESS)  # internal: one memory probe
+    p.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
+                   help=f"compare these reparam methods' training steps with the baseline's and RefConv's instead "
+                        f"({', '.join(METHODS)})")
+    p.add_argument("--memory-child", choices=TRAIN_SETUPS + METHODS, help=argparse.SUPPRESS)  # one memory probe
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     args.argv = argv
@@ -85,13 +92,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------------------------- building blocks
 def build(args: argparse.Namespace, setup: str) -> tuple[nn.Module, int]:
-    """The ``baseline`` or refocused model (same seed: identical base weights); returns it and W_r's size."""
+    """The ``baseline``, refocused or ``reparam`` method's model (same seed: identical base weights); returns it and
+    the trainable values the re-parameterization adds (W_r; branches; scales)."""
     torch.manual_seed(0)
     model = build_model(args.model, num_classes=1000)
-    n_refocus = 0
-    if setup != "baseline":
-        n_refocus = refocus_model(model, map_k=args.map_k, init="xavier").refocus_params
-    return to_device(model, args), n_refocus
+    added = 0
+    if setup in METHODS:
+        added = apply_reparam(model, setup, example=example_input(model, args.img_size)).added_params
+    elif setup != "baseline":
+        added = refocus_model(model, map_k=args.map_k, init="xavier").refocus_params
+    return to_device(model, args), added
 
 
 def to_device(model: nn.Module, args: argparse.Namespace) -> nn.Module:
@@ -318,6 +328,57 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     return res
 
 
+def run_methods(args: argparse.Namespace) -> dict:
+    """Training step time (alternating blocks, one process), peak training memory (fresh processes) and parameters
+    during training of the baseline, RefConv (W_t once per step, as refconv-train runs it) and each method."""
+    apply_settings(args)
+    x, y = make_batch(args)
+    setups = ["baseline", "refocus_per_step", *args.methods]
+    models = {s: build(args, s) for s in setups}
+    times, util = time_alternating(
+        {s: train_step_fn(m, args, x, y, per_step=s == "refocus_per_step") for s, (m, _) in models.items()},
+        args.steps, args.warmup, args.repeats, args.device, args.timer)
+    base = statistics.median(times["baseline"])
+    rows = {}
+    for s, (model, added) in models.items():
+        rows[s] = {"train_ratio": statistics.median(times[s]) / base,
+                   "train_img_s": args.batch_size * args.accum_steps / statistics.median(times[s]),
+                   "train_params": sum(p.numel() for p in model.parameters()), "added_params": added}
+    if not args.no_memory:
+        for s in setups:
+            rows[s]["peak_memory_bytes"], err = peak_training_memory(args, s)
+            if err:
+                rows[s]["memory_error"] = err
+        for s in setups:
+            mem, ref = rows[s]["peak_memory_bytes"], rows["baseline"]["peak_memory_bytes"]
+            rows[s]["memory_ratio"] = mem / ref if mem and ref else None
+    return {"model": args.model, "device": args.device, "device_name": device_name(args.device),
+            "threads": torch.get_num_threads(), "img_size": args.img_size, "batch_size": args.batch_size,
+            "amp": args.amp, "channels_last": args.channels_last, "repeats": args.repeats, "steps": args.steps,
+            "timer": args.timer, "torch": torch.__version__, "cpu_util": util, "methods": rows}
+
+
+def format_methods(r: dict) -> str:
+    lines = [f"{r['model']} | {r['device']} ({r['device_name']}, {r['threads']} threads) | {r['img_size']} px, batch "
+             f"{r['batch_size']} | amp={r['amp']} channels_last={r['channels_last']} | {r['timer']} time, median of "
+             f"{r['repeats']} alternating blocks x {r['steps']} steps",
+             f"{'method':10s} {'train img/s':>12s} {'step time / baseline':>21s} {'peak memory':>12s} "
+             f"{'memory / baseline':>18s} {'train params':>13s} {'added':>12s}"]
+    for name, m in r["methods"].items():
+        mem = m.get("peak_memory_bytes")
+        name = "refconv" if name == "refocus_per_step" else name
+        ratio = m.get("memory_ratio")
+        lines.append(f"{name:10s} {m['train_img_s']:12.1f} {m['train_ratio']:21.3f} "
+                     f"{'n/a' if mem is None else f'{mem / 2**20:.1f} MiB':>12s} "
+                     f"{'n/a' if ratio is None else f'{ratio:.3f}':>18s} {m['train_params']:13,} "
+                     f"{m['added_params']:12,}")
+    lines.append("refconv = RefConv with W_t once per optimizer step (refconv-train's default); train params: every "
+                 "parameter held during training (frozen W_b included); added: trainable values the method adds")
+    if r["cpu_util"] is not None and r["cpu_util"] < 0.85:
+        lines.append(f"warning: CPU utilisation {r['cpu_util']:.2f} < 0.85: other processes shared the cores")
+    return "\n".join(lines)
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -386,8 +447,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         apply_settings(args)
         print(f"{MEMORY_TAG}{memory_child(args, args.memory_child)}")
         return None
-    result = run_benchmark(args)
-    print(format_table(result), flush=True)
+    result = run_methods(args) if args.methods else run_benchmark(args)
+    print((format_methods if args.methods else format_table)(result), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -22,11 +22,10 @@ from refconv_train.cli import eval as eval_cli
 from refconv_train.cli import fuse as fuse_cli
 from refconv_train.cli import train as train_cli
 from refconv_train.demo_data import make_demo_data
-from refconv_train.refocus import BASE_KEY
 from refconv_train.restore import restore_any
 
 LINE = re.compile(r"top1=(\d+\.\d+) top5=(\d+\.\d+) loss=(\d+\.\d+) images=(\d+) img_per_s=(\d+\.\d+)")
-NOT_REFCONV = re.compile(r"error: '.+' is not a RefConv training checkpoint \(it holds .+\)")
+NOT_REFCONV = re.compile(r"error: '.+' is not a re-parameterized training checkpoint \(it holds .+\)")
 
 
 def eval_args(runs: TinyRuns, ckpt: Path, *extra) -> list:
@@ -155,18 +154,18 @@ def test_fuse_never_overwrites_an_existing_output_without_force(tiny_runs, tmp_p
 
 
 def test_fuse_refuses_to_write_when_the_fused_model_differs(tiny_runs, tmp_path, monkeypatch):
-    real_fuse = fusing.fuse_state_dict
+    real_fuse = fusing.fuse_reparam
 
-    def broken_fuse(state):  # a fusing bug: one fused kernel comes out slightly wrong
-        fused = real_fuse(state)
-        key = next(k[: -len(BASE_KEY)] + ".weight" for k in state if k.endswith(BASE_KEY))
-        fused[key] = fused[key] + 0.01
-        return fused
+    def broken_fuse(model):  # a fusing bug: one fused kernel comes out slightly wrong
+        names = real_fuse(model)
+        with torch.no_grad():
+            model.get_submodule(names[0]).weight.add_(0.01)
+        return names
 
-    monkeypatch.setattr(fusing, "fuse_state_dict", broken_fuse)
+    monkeypatch.setattr(fusing, "fuse_reparam", broken_fuse)
     out = tmp_path / "bad.pth"
     rc, _, err = call(fuse_cli.main, [tiny_runs.refocus / "best.pth", "-o", out])
-    assert re.search(r"max_abs_diff=\S+ > atol=0.0001", assert_one_line_error(rc, err))
+    assert re.search(r"max_abs_diff=\S+ > atol=0.0001 x output scale", assert_one_line_error(rc, err))
     assert list(tmp_path.iterdir()) == []
 
 
