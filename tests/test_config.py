@@ -63,7 +63,7 @@ def test_overrides_of_each_type(tmp_path):
     assert cfg.train.output == "/scratch/exp-2"
     assert cfg.model.name == "123"  # string keys keep the text as typed
     assert cfg.train.resume is False
-    assert load_config(path, ["model.pretrained=false"]).model.pretrained is False
+    assert load_config(path, ["model.pretrained=false", "refocus.enabled=false"]).model.pretrained is False
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == pytest.approx(1e-3)  # YAML 1.2 style exponent
 
 

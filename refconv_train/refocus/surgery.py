@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import RefconvError
+from .base_check import MIN_VALUES, UNTRAINED_FRACTION, is_zero, looks_like_init
 from .parametrization import INITS, Refocus
 from .transform import conv_kind, step_gain
 
@@ -45,6 +46,7 @@ class RefocusReport:
     map_k: int
     layers: list[RefocusedLayer] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    untrained: list[str] = field(default_factory=list)  # refocused layers whose W_b looked like a fresh init
 
     @property
     def refocus_params(self) -> int:
@@ -81,17 +83,22 @@ def refocus_model(
     exclude: Iterable[str] = (),
     base: str = "frozen",
     base_init: str = "pretrained",
+    check_base: bool = True,
 ) -> RefocusReport:
     """Inject RefConv in place into every ``nn.Conv2d`` (subclasses included) whose kernel is at least ``map_k``.
 
     ``exclude``: regular expressions searched in module names; matching convs are left alone. ``base``: ``frozen``
     (paper) or ``trainable``; ``base_init``: ``pretrained`` (paper) or ``random`` (the paper's Fig. 5 ablations).
+    With ``base_init="pretrained"`` the kernels must have been trained: an all-zero one (a dead layer) is an error,
+    and a warning says so when nine in ten of them look like a fresh init (``refocus/base_check.py``);
+    ``check_base=False`` skips both (a model whose weights are loaded after refocusing, e.g. from a checkpoint).
     Returns a :class:`RefocusReport`; raises :class:`RefconvError` on bad arguments or when nothing is eligible.
     """
     _check_args(map_k, init, base, base_init)
     patterns = _compile_patterns(exclude)
     used_patterns: set[str] = set()
     report = RefocusReport(map_k=map_k)
+    targets: list[tuple[str, nn.Conv2d]] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Conv2d) or parametrize.is_parametrized(module, "weight"):
             continue
@@ -105,7 +112,18 @@ def refocus_model(
         elif kh < map_k or kw < map_k:
             report.skipped.append((name, f"kernel {kh}x{kw} smaller than map_k={map_k}"))
         else:
-            report.layers.append(_refocus_conv(name, module, map_k, init, base, base_init))
+            targets.append((name, module))
+    check = check_base and base_init == "pretrained"
+    for name, module in targets:  # before any surgery: an error leaves the model as it was
+        if check and base == "frozen" and is_zero(module.weight):
+            raise RefconvError(
+                f"refocus: conv '{name}' has an all-zero kernel, a dead layer (W_t = 0 + conv(0, W_r) = 0 never "
+                f"learns): load the trained weights before refocus_model, exclude the layer, or pass "
+                f"base_init='random' (the paper's ablation)")
+    for name, module in targets:
+        if check and looks_like_init(module.weight, module.groups):
+            report.untrained.append(name)
+        report.layers.append(_refocus_conv(name, module, map_k, init, base, base_init))
     for pattern in patterns:
         if pattern.pattern not in used_patterns:
             warnings.warn(f"refocus exclude pattern {pattern.pattern!r} matches no convolution", stacklevel=2)
@@ -113,6 +131,12 @@ def refocus_model(
         too_small = [n for n, why in report.skipped if why.startswith("kernel")]
         hint = f" (map_k={map_k} is larger than all {len(too_small)} spatial kernels)" if too_small else ""
         raise RefconvError(f"refocus found no convolution to refocus{hint}: use a smaller odd map_k or fewer excludes")
+    checked = sum(math.prod(layer.weight_shape) >= MIN_VALUES for layer in report.layers)
+    if report.untrained and len(report.untrained) >= UNTRAINED_FRACTION * checked:
+        warnings.warn(f"refocus: {len(report.untrained)} of the {checked} kernels to refocus look untrained "
+                      f"(a fresh init: no spatial structure, an initializer's exact scale); RefConv refocuses "
+                      f"trained kernels, load the model's trained weights first (or pass base_init='random' for the "
+                      f"paper's ablation)", stacklevel=2)
     return report
 
 
