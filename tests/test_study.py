@@ -1,9 +1,10 @@
-"""The study (scripts/study.py, study_report.py, convert_efficientnet_lite0.py): its quick mode end to end, the
-statistics of its table, the validity of every variant, and the weights conversion."""
+"""refconv-study (refconv_train/study/): its quick mode end to end through the CLI on tiny generated data, restarts,
+validation errors, the statistics against reference values, the study files of the retired scripts/study.py; and
+the Lite0 weights conversion (scripts/convert_efficientnet_lite0.py) that the imagenet study needs."""
 
 from __future__ import annotations
 
-import csv
+import json
 import math
 import shlex
 from pathlib import Path
@@ -12,106 +13,271 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from cli_helpers import assert_one_line_error, call
-from test_fashion_mnist import load_script, write_idx
+from PIL import Image
+from test_fashion_mnist import load_script
 
-from refconv_train.config import load_config
+from refconv_train.cli import study as study_cli
+from refconv_train.config import config_to_dict, load_config
+from refconv_train.study import load_study, paired_difference, t_quantile
+from refconv_train.study.metrics import RunMetrics
+from refconv_train.study.plan import aliases, baseline_run, check_configs, report_runs, select_runs, settings
+from refconv_train.study.report import write_results
+from refconv_train.study.stats import mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
-study = load_script("study")
-report = load_script("study_report")
 convert = load_script("convert_efficientnet_lite0")
 
 
 @pytest.fixture(scope="module")
-def idx_src(tmp_path_factory) -> Path:
-    """Random 28x28 'Fashion-MNIST': 40 train and 20 test images per class, enough for --quick's subset."""
+def tiny(tmp_path_factory) -> Path:
+    """3 classes of random 16 px images: train/ (8 per class), holdout/ and val/ (4 each); start weights; a stage-2
+    config of mobilenetv2_050 that starts from them."""
+    root = tmp_path_factory.mktemp("study")
     rng = np.random.default_rng(0)
-    src = tmp_path_factory.mktemp("idx")
-    for split, per_class in (("train", 40), ("t10k", 20)):
-        labels = rng.permutation(np.repeat(np.arange(10), per_class)).astype(np.uint8)
-        write_idx(src / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8))
-        write_idx(src / f"{split}-labels-idx1-ubyte", labels)
-    return src
+    for split, n in (("train", 8), ("holdout", 4), ("val", 4)):
+        for c in range(3):
+            folder = root / "data" / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    from refconv_train import build_model
+
+    torch.manual_seed(0)
+    torch.save(build_model("mobilenetv2_050", num_classes=3, pretrained=False).state_dict(), root / "start.pth")
+    stage2 = {"model": {"name": "mobilenetv2_050", "num_classes": 3, "pretrained": str(root / "start.pth")},
+              "data": {"root": str(root / "data"), "img_size": 32, "batch_size": 8, "workers": 0},
+              "optim": {"lr": 0.05, "warmup_epochs": 0, "epochs": 1}, "train": {"device": "cpu"}}
+    (root / "stage2.yaml").write_text(yaml.safe_dump(stage2))
+    stage1 = {**stage2, "model": {**stage2["model"], "pretrained": False}, "refocus": {"enabled": False}}
+    (root / "stage1.yaml").write_text(yaml.safe_dump(stage1))
+    return root
 
 
-def test_quick_study_selects_on_holdout_then_reports_on_test_and_restarts(idx_src, tmp_path, capsys, monkeypatch):
-    # Two of the selection's candidates keep CI short; the others are checked as configs below.
-    candidates = {v.name: v for v in study.SCRATCH.select}
-    monkeypatch.setattr(study.SCRATCH, "select", [candidates["finetune_lr0.006"], candidates["refconv_lr0.06"]])
-    out, data = tmp_path / "study", tmp_path / "data"
-    argv = ["--quick", "--arm", "scratch", "--seeds", "0", "--out", str(out), "--data", str(data),
-            "--src", str(idx_src)]
-    assert study.main(argv) == 0
-    root = out / "scratch"
-    assert (root / "baseline" / "DONE").is_file()
-    chosen = (root / "select" / "results.md").read_text()
-    assert "Chosen by final holdout top-1" in chosen and (root / "select" / "curves.png").is_file()
-    for v in study.SCRATCH.select:  # every selection run validated on the holdout split, never on test
-        command = (root / "select" / "seed0" / v.name / "command.txt").read_text()
-        assert "data.val_split=holdout" in command and "data.val_split=val" not in command
-    report_runs = sorted(p.name for p in (root / "report" / "seed0").iterdir())
-    assert len(report_runs) == 5 and {"retrain", "refconv_paper", "refconv_norm"} <= set(report_runs)
-    norm = shlex.split((root / "report" / "seed0" / "refconv_norm" / "command.txt").read_text())
-    finetune = next(n for n in report_runs if n.startswith("finetune_"))
-    assert "refocus.step_norm=layer" in norm and "refocus.init=zeros" in norm
-    assert f"optim.lr={finetune.split('_lr')[1]}" in norm  # at the chosen fine-tuning lr
+def write_study(root: Path, name: str = "tiny.study.yaml", **changes) -> Path:
+    """A study file: 2 selection candidates (fine-tuning lr 0.01, 0.1), 2 variants, 2 seeds, 1 control."""
+    study = {
+        "config": str(root / "stage2.yaml"), "output": str(root / "out"), "seeds": [0, 1], "budget": 2,
+        "select": {"finetune": {"what": "fine-tuning", "lr": [0.01, 0.1],
+                                "overrides": ["refocus.enabled=false", "optim.epochs={budget}"]}},
+        "variants": [
+            {"name": "finetune", "what": "fine-tuning at the chosen lr", "family": "finetune",
+             "overrides": ["refocus.enabled=false", "optim.epochs={budget}"]},
+            {"name": "refconv", "what": "RefConv zeros + step norm", "family": "finetune",
+             "overrides": ["refocus.init=zeros", "refocus.step_norm=layer", "optim.epochs={budget}"]}],
+        "controls": ["finetune"]}
+    study.update(changes)
+    path = root / name
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def test_quick_study_selects_on_holdout_reports_paired_differences_and_restarts(tiny):
+    study = write_study(tiny)
+    rc, out, err = call(study_cli.main, [study, "--quick"])
+    assert rc == 0, err[-3000:]
+    root = tiny / "out_quick"
+    for name in ("finetune_lr0.01", "finetune_lr0.1"):  # selection: seed 0, validated on holdout, never on val
+        run = root / "select" / "seed0" / name
+        assert (run / "DONE").is_file() and (run / "train.log").is_file()
+        assert load_config(run / "config.yaml").data.val_split == "holdout"
+        assert "refconv-train --config" in (run / "command.txt").read_text()
+    select = json.loads((root / "select" / "results.json").read_text())
+    chosen = select["selection"]["finetune"]
+    assert chosen["lr"] in (0.01, 0.1) and chosen["top1"] == max(chosen["grid"].values())
+    for seed in (0, 1):
+        for v in ("finetune", "refconv"):
+            cfg = load_config(root / "report" / f"seed{seed}" / v / "config.yaml")
+            assert (cfg.data.val_split, cfg.train.seed, cfg.optim.lr) == ("val", seed, chosen["lr"])
+            assert cfg.refocus.enabled == (v == "refconv") and cfg.train.max_steps_per_epoch > 0  # quick mode
+
+    results = json.loads((root / "report" / "results.json").read_text())
+    assert results["controls"] == ["finetune"] and results["seeds"] == [0, 1]
+    ft, rcv = results["variants"]["finetune"], results["variants"]["refconv"]
+    for v in (ft, rcv):
+        assert v["n"] == 2 and [r["seed"] for r in v["runs"]] == [0, 1]
+        for r in v["runs"]:
+            assert r["final"] == r["curve"][-1] and r["peak_mb"] > 100 and r["epoch_s"] > 0
+            assert r["kernel_change"] > 0  # moved away from start.pth
+        assert v["final_mean"] == pytest.approx(sum(r["final"] for r in v["runs"]) / 2)
+    assert rcv["train_params"] > 5 * ft["train_params"] > 0  # W_r is much larger than the model
+    diffs = [a["final"] - b["final"] for a, b in zip(rcv["runs"], ft["runs"])]
+    expected = paired_difference(dict(enumerate(d + 50 for d in diffs)), dict.fromkeys(range(2), 50.0))
+    assert rcv["paired"]["finetune"]["mean"] == pytest.approx(expected.mean)
+    assert ft["paired"]["finetune"] is None
     table = (root / "report" / "results.md").read_text()
-    assert "top-1 % on the test split" in table and f"Δ vs {finetune} [95% CI]" in table and "Δ vs retrain" in table
-    for name in report_runs:
-        assert f"| {name} |" in table
-    assert (root / "report" / "curves.png").is_file()
-    capsys.readouterr()
+    assert "| variant | what | seeds | final top-1 | best epoch | Δ vs finetune [95% CI] | s / epoch | peak MB | " \
+           "train params | kernel change |" in table
+    assert "QUICK MODE" in table and f"finetune: lr {chosen['lr']}" in table
+    assert table.count("\n| refconv |") == 1 and table.count("\n| finetune |") == 1
+    assert (root / "report" / "curves.png").is_file() and (root / "select" / "curves.png").is_file()
 
-    assert study.main(argv) == 0  # restart: every run is skipped
-    assert capsys.readouterr().out.count("finished earlier, skipped") == 1 + len(study.SCRATCH.select) + 5
-    (root / "report" / "seed0" / "retrain" / "command.txt").write_text("refconv-train other settings\n")
-    rc, _, err = call(study.main, argv)
-    assert "holds a run with other settings" in assert_one_line_error(rc, err)
+    (root / "report" / "seed1" / "refconv" / "DONE").unlink()  # as if interrupted: run again, resumed
+    rc, out, err = call(study_cli.main, [study, "--quick"])
+    assert rc == 0, err[-3000:]
+    assert out.count("finished earlier, skipped") == 5 and "seed1/refconv (resuming)" in out
+    assert "resumed from" in (root / "report" / "seed1" / "refconv" / "train.log").read_text()
 
-
-def test_every_variant_is_a_valid_config_with_the_arms_epoch_budget():
-    for arm in study.ARMS.values():
-        finetunes = [v for v in arm.select if v.name.startswith("finetune")]
-        variants = arm.select + list(study.FIXED.values()) + [study.norm_variant(arm, finetunes[0])]
-        for v in variants:
-            overrides = [o.replace("{E}", str(arm.epochs)) for o in v.overrides]
-            cfg = load_config(str(ROOT / arm.config), overrides)
-            assert cfg.optim.warmup_epochs + cfg.optim.epochs == arm.epochs, (arm.name, v.name)
-            assert cfg.refocus.enabled == v.refocus, (arm.name, v.name)
-    base = load_config(str(ROOT / study.SCRATCH.baseline))
-    stage2 = load_config(str(ROOT / study.SCRATCH.config))
-    assert not base.refocus.enabled and base.model.pretrained is False and base.data.val_split == "holdout"
-    for key in ("name", "num_classes"):
-        assert getattr(base.model, key) == getattr(stage2.model, key)
-    assert vars(base.data) | {"val_split": "val"} == vars(stage2.data)  # the same images and augmentation
-    assert (base.optim.lr, base.optim.warmup_epochs) == (stage2.optim.lr, stage2.optim.warmup_epochs)
+    changed = write_study(tiny, overrides=["optim.weight_decay=0.001"])  # other settings, same output folder
+    line = assert_one_line_error(*call(study_cli.main, [changed, "--quick"])[::2])
+    assert "select/seed0/finetune_lr0.01 holds a run with other settings" in line
+    assert "optim.weight_decay: 4e-05 there, 0.001 now" in line and "delete the folder" in line
 
 
-def write_run(folder: Path, curve: list[float], epochs: int = 2) -> None:
-    folder.mkdir(parents=True)
-    config = f"model:\n  pretrained: false\noptim:\n  epochs: {epochs}\n  warmup_epochs: 0\n"
-    (folder / "config.yaml").write_text(config)
-    with open(folder / "summary.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["epoch", "top1", "epoch_s"])
-        for i, t in enumerate(curve):
-            w.writerow([i + 1, t, 10.0])
+def test_dry_run_prints_the_baseline_selection_report_and_eval_commands_and_runs_nothing(tiny):
+    study = write_study(tiny, "base.study.yaml", baseline={"config": str(tiny / "stage1.yaml")},
+                        output=str(tiny / "dry"))
+    rc, out, err = call(study_cli.main, [study, "--dry-run", "--seeds", "3", "optim.momentum=0.8"])
+    assert rc == 0, err
+    lines = [shlex.split(line) for line in out.strip().splitlines()]
+    assert all("optim.momentum=0.8" in cmd for cmd in lines[:5])  # command-line overrides: every run
+    assert len(lines) == 1 + 2 + 2 + 1  # baseline, 2 candidates, 2 variants x 1 seed, refconv-eval
+    base = tiny / "dry" / "baseline"
+    assert lines[0][2] == str(tiny / "stage1.yaml") and "data.val_split=holdout" in lines[0] \
+        and "train.seed=0" in lines[0] and f"train.output={base}" in lines[0]
+    for cmd in lines[1:5]:
+        assert f"model.pretrained={base / 'last.pth'}" in cmd
+    assert "optim.lr=<lr chosen for finetune>" in lines[3] and "train.seed=3" in lines[4]
+    assert "--checkpoint" in lines[5] and str(base / "last.pth") in lines[5] and "val" in lines[5]
+    assert not (tiny / "dry").exists()
 
 
-def test_table_pairs_by_seed_with_a_t_interval_and_leaves_out_unfinished_runs(tmp_path):
-    finals = {"ctl": [80.0, 81.0, 82.0], "new": [81.0, 81.5, 83.5]}  # paired differences 1.0, 0.5, 1.5
-    for name, values in finals.items():
-        for seed, value in enumerate(values):
-            write_run(tmp_path / f"seed{seed}" / name, [value - 5, value])
-    write_run(tmp_path / "seed3" / "new", [70.0])  # 1 of 2 epochs: unfinished
-    runs = report.collect(tmp_path, ["ctl", "new"], [0, 1, 2, 3])
-    mean, low, high, n = report.paired([r for r in runs if r.variant == "new"], [r for r in runs if r.variant == "ctl"])
-    half = 4.303 * 0.5 / math.sqrt(3)  # t(0.975, 2) * sample std of (1.0, 0.5, 1.5) / sqrt(3)
-    assert n == 3 and mean == pytest.approx(1.0) and (low, high) == (pytest.approx(1 - half), pytest.approx(1 + half))
-    text = report.write(tmp_path, {"ctl": "control", "new": "candidate"}, [0, 1, 2, 3], controls=["ctl"])
+@pytest.mark.parametrize("change, message", [
+    ({"seed": [0]}, r"unknown key 'seed' \(valid: name, config"),
+    ({"controls": ["retrain"]}, r"controls: 'retrain' is not a variant"),
+    ({"variants": [{"name": "a", "family": "lr"}]}, r"variant 'a': family 'lr' is not a selection family"),
+    ({"variants": [{"name": "a"}, {"name": "a"}], "controls": []}, r"variant 'a': duplicate variant name"),
+    ({"variants": [{"name": "a", "overrides": ["optim.lrr=0.1"]}], "controls": []},
+     r"variant 'a': unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\)"),
+    ({"variants": [{"name": "a", "family": "finetune", "overrides": ["optim.lr=0.1"]}], "controls": []},
+     r"variant 'a': sets optim.lr and names family 'finetune'"),
+    ({"budget": None}, r"uses \{budget\} but the study file sets no 'budget'"),
+    ({"splits": {"select": "val"}}, r"splits: select and report are both 'val'"),
+    ({"overrides": ["optim.epochs={E}"]}, r"unknown placeholder \{E\}"),
+    ({"config": "nowhere.yaml"}, r"config: config file 'nowhere.yaml' not found"),
+    ({"select": {"finetune": {"lr": [0.1], "overrides": ["refocus.enabled=maybe"]}}},
+     r"selection candidate 'finetune_lr0.1': config key 'refocus.enabled' expects"),
+])
+def test_study_file_errors_are_one_line_before_anything_runs(tiny, tmp_path, change, message):
+    study = write_study(tiny, "bad.study.yaml", output=str(tmp_path / "never"), **change)
+    line = assert_one_line_error(*call(study_cli.main, [study])[::2], message)
+    assert line.startswith(f"error: study file '{study}'") and not (tmp_path / "never").exists()
+
+
+def test_t_quantiles_and_paired_intervals_match_reference_values():
+    for df, q in ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (5, 2.571), (10, 2.228), (30, 2.042)):
+        assert t_quantile(0.975, df) == pytest.approx(q, abs=5e-4)
+    assert t_quantile(0.95, 4) == pytest.approx(2.132, abs=5e-4) and t_quantile(0.025, 4) == pytest.approx(-2.776,
+                                                                                                         abs=5e-4)
+    p = paired_difference({0: 81.0, 1: 81.5, 2: 83.5, 7: 90.0}, {0: 80.0, 1: 81.0, 2: 82.0})  # seed 7 unpaired
+    half = 4.303 * 0.5 / math.sqrt(3)  # differences 1.0, 0.5, 1.5: sample std 0.5
+    assert (p.n, p.mean, p.low, p.high) == (3, pytest.approx(1.0), pytest.approx(1 - half, abs=1e-3),
+                                             pytest.approx(1 + half, abs=1e-3))
+    one = paired_difference({0: 2.0}, {0: 1.5})
+    assert one.mean == 0.5 and math.isnan(one.low) and paired_difference({0: 1.0}, {1: 1.0}) is None
+    assert mean_std([80.0, 81.0, 82.0]) == (81.0, 1.0) and mean_std([3.0]) == (3.0, None)
+
+
+def test_table_pairs_every_variant_with_each_control_and_the_stronger_one(tmp_path):
+    finals = {"ft": [80.0, 81.0, 82.0], "re": [79.0, 79.5, 80.0], "new": [81.0, 81.5, 83.5]}
+    runs = {v: [RunMetrics(v, s, f"{v}{s}", [x - 5, x], x, x, 10.0, 900.0, 1000 if v != "new" else 250000, 0.01)
+                for s, x in enumerate(xs)] for v, xs in finals.items()}
+    text = write_results(tmp_path, "t", ["a setting"], {"ft": "fine-tuning", "re": "re-training", "new": "candidate"},
+                         runs, ["ft", "re"], {}, "val", notes={"new": "= x: the same runs"})
+    head = next(line for line in text.splitlines() if line.startswith("| variant"))
+    assert "| Δ vs ft [95% CI] | Δ vs re [95% CI] | Δ vs stronger control (ft) [95% CI] | s / epoch |" in head
+    half = 4.303 * 0.5 / math.sqrt(3)  # new - ft: 1.0, 0.5, 1.5
     row = next(line for line in text.splitlines() if line.startswith("| new |"))
-    assert "| 3 | 82.00 ± 1.32 |" in row and f"+1.00 [{1 - half:+.2f}, {1 + half:+.2f}]" in row
+    assert row.startswith("| new | candidate (= x: the same runs) | 3 | 82.00 ± 1.32 | 82.00 ± 1.32 | "
+                          f"+1.00 [{1 - half:+.2f}, {1 + half:+.2f}] |")
+    assert row.endswith("| 10.0 | 900 | 0.25M | 0.01 |") and row.count(f"+1.00 [{1 - half:+.2f}") == 2
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["stronger_control"] == "ft" and data["variants"]["new"]["paired"]["re"]["mean"] == pytest.approx(2.5)
+    assert data["variants"]["ft"]["paired"]["ft"] is None and len(data["variants"]["re"]["runs"]) == 3
+
+
+# What scripts/study.py (and scripts/study_budget_probe.sh) ran before the study files replaced them: every run's
+# resolved config, as the keys that differ from its config file (train.output, where it writes, left out; train.seed
+# and data.val_split checked separately), recorded from the script's own commands with the winners of
+# docs/reproduction.md (scratch: lr 0.06 for both; imagenet: 0.03 for both). Renamed: the one-lr candidates
+# refconv_nonorm/_dwonly/_wd/_kaiming are now families named <name>_lr<lr>; report/finetune_lr<X> is report/finetune.
+FT, RC = {"refocus.enabled": False, "optim.warmup_epochs": 0}, {"refocus.init": "zeros", "optim.warmup_epochs": 0}
+NORM = {**RC, "refocus.step_norm": "layer"}
+OLD_RUNS = {
+    "scratch": {
+        "baseline": {},
+        "select/finetune_lr0.006": {**FT, "optim.lr": 0.006, "optim.epochs": 2},
+        "select/finetune_lr0.02": {**FT, "optim.lr": 0.02, "optim.epochs": 2},
+        "select/finetune_lr0.06": {**FT, "optim.lr": 0.06, "optim.epochs": 2},
+        "select/refconv_nonorm_lr0.02": {**RC, "optim.lr": 0.02, "optim.epochs": 2},
+        "select/refconv_lr0.02": {**NORM, "optim.lr": 0.02, "optim.epochs": 2},
+        "select/refconv_lr0.06": {**NORM, "optim.lr": 0.06, "optim.epochs": 2},
+        "select/refconv_lr0.2": {**NORM, "optim.epochs": 2},  # lr 0.2 is the config's
+        "select/refconv_dwonly_lr0.06": {**NORM, "refocus.exclude": ["conv_stem"], "optim.lr": 0.06,
+                                         "optim.epochs": 2},
+        "select/refconv_wd_lr0.06": {**NORM, "refocus.weight_decay": 0.001, "optim.lr": 0.06, "optim.epochs": 2},
+        "select/refconv_kaiming_lr0.06": {**NORM, "refocus.init": "kaiming", "optim.lr": 0.06, "optim.epochs": 2},
+        "report/finetune": {**FT, "optim.lr": 0.06, "optim.epochs": 2},
+        "report/retrain": {"refocus.enabled": False},
+        "report/refconv_paper": {},
+        "report/refconv_norm": {**NORM, "optim.lr": 0.06, "optim.epochs": 2},
+    },
+    "imagenet": {
+        "select/finetune_lr0.01": {**FT, "optim.lr": 0.01, "optim.epochs": 3},
+        "select/finetune_lr0.03": {**FT, "optim.lr": 0.03, "optim.epochs": 3},
+        "select/finetune_lr0.1": {**FT, "optim.epochs": 3},  # lr 0.1 is the config's
+        "select/refconv_nonorm_lr0.03": {**RC, "optim.lr": 0.03, "optim.epochs": 3},
+        "select/refconv_lr0.03": {**NORM, "optim.lr": 0.03, "optim.epochs": 3},
+        "select/refconv_lr0.1": {**NORM, "optim.epochs": 3},
+        "select/refconv_wd_lr0.03": {**NORM, "refocus.weight_decay": 0.001, "optim.lr": 0.03, "optim.epochs": 3},
+        "report/finetune": {**FT, "optim.lr": 0.03, "optim.epochs": 3},
+        "report/retrain": {"refocus.enabled": False},
+        "report/refconv_paper": {},
+        "report/refconv_norm": {**NORM, "optim.lr": 0.03, "optim.epochs": 3},
+    },
+    "imagenet_10ep": {
+        "report/finetune_lr0.03": {**FT, "optim.lr": 0.03, "optim.epochs": 10},
+        "report/retrain": {"refocus.enabled": False, "optim.epochs": 9},  # 1 warmup epoch, as the config
+        "report/refconv_norm": {**NORM, "optim.lr": 0.03, "optim.epochs": 10},
+    },
+}
+OLD_OUTPUT = {"scratch": "runs/study/scratch", "imagenet": "runs/study/imagenet",
+              "imagenet_10ep": "runs/study/imagenet_e10"}
+
+
+@pytest.mark.parametrize("arm", list(OLD_RUNS))
+def test_study_files_resolve_every_run_to_the_config_the_retired_study_script_ran(arm, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the study files name repository paths, as refconv-train does
+    study = load_study(f"configs/study/{arm}.study.yaml")
+    assert str(study.output) == OLD_OUTPUT[arm] and study.seeds == (0, 1, 2)
+    chosen = {"finetune": 0.06, "refconv": 0.06} if arm == "scratch" else {"finetune": 0.03, "refconv": 0.03}
+    report = report_runs(study, chosen)
+    same = aliases(study, report)
+    assert same == ({} if arm == "imagenet_10ep" else {"refconv_best": "refconv_norm"})  # run once, as before
+    runs = ([baseline_run(study)] if study.baseline else []) + select_runs(study) + \
+        [r for r in report if r.variant not in same]
+    got = {}
+    for r in runs:
+        resolved = r.resolved()
+        own = settings(config_to_dict(load_config(r.config)))
+        diff = {k: v for k, v in resolved.items() if v != own[k]}
+        seed, split = diff.pop("train.seed", own["train.seed"]), diff.pop("data.val_split", own["data.val_split"])
+        assert (seed, split) == ((0, "holdout") if r.phase != "report" else (r.seed, "val")), r.folder
+        assert r.config == ("configs/study/scratch_baseline.yaml" if r.phase == "baseline"
+                            else f"configs/study/{arm.removesuffix('_10ep')}.yaml")
+        name = "baseline" if r.phase == "baseline" else f"{r.phase}/{r.variant}"
+        assert got.setdefault(name, diff) == diff, name  # the same settings for every seed
+    assert got == OLD_RUNS[arm]
+    assert len(runs) == len(OLD_RUNS[arm]) + (len(study.seeds) - 1) * sum(k.startswith("report/") for k in got)
+
+
+def test_every_study_file_in_configs_resolves_every_run(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    files = sorted(Path("configs/study").glob("*.study.yaml"))
+    assert {"scratch.study.yaml", "imagenet.study.yaml", "imagenet_10ep.study.yaml"} <= {f.name for f in files}
+    for f in files:
+        check_configs(load_study(f))
 
 
 def test_lite0_weights_in_efficientnet_pytorch_names_become_a_strict_timm_state_dict(tmp_path):
