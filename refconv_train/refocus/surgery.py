@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import RefconvError
+from ..module_surgery import bake_weight, compile_patterns
 from .base_check import MIN_VALUES, UNTRAINED_FRACTION, is_zero, looks_like_init
 from .parametrization import INITS, Refocus
 from .transform import conv_kind, step_gain
@@ -95,7 +95,7 @@ def refocus_model(
     Returns a :class:`RefocusReport`; raises :class:`RefconvError` on bad arguments or when nothing is eligible.
     """
     _check_args(map_k, init, base, base_init)
-    patterns = _compile_patterns(exclude)
+    patterns = compile_patterns(exclude, "refocus")
     used_patterns: set[str] = set()
     report = RefocusReport(map_k=map_k)
     targets: list[tuple[str, nn.Conv2d]] = []
@@ -163,18 +163,6 @@ def _check_args(map_k: int, init: str, base: str, base_init: str) -> None:
         raise RefconvError(f"refocus base_init {base_init!r} is unknown: use one of {', '.join(BASE_INITS)}")
 
 
-def _compile_patterns(exclude: Iterable[str]) -> list[re.Pattern]:
-    if isinstance(exclude, str):
-        exclude = [exclude]
-    patterns = []
-    for text in exclude:
-        try:
-            patterns.append(re.compile(text))
-        except re.error as e:
-            raise RefconvError(f"refocus exclude pattern {text!r} is not a valid regular expression ({e})") from None
-    return patterns
-
-
 def refocused_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
     """Name -> conv for every conv that currently carries a :class:`Refocus` parametrization."""
     return {
@@ -195,14 +183,7 @@ def fuse_model(model: nn.Module) -> list[str]:
     """
     names = []
     for name, conv in refocused_convs(model).items():
-        requires_grad = any(p.requires_grad for p in conv.parametrizations.weight.parameters())
-        # Deep copies (EMA, verification) share parametrize's generated class with the original, and removal
-        # deletes the `weight` property from that class: give this module a private copy of it first.
-        cls = type(conv)
-        conv.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-        with torch.no_grad():
-            parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
-        conv.weight.requires_grad_(requires_grad)
+        bake_weight(conv)
         names.append(name)
     return names
 

@@ -8,7 +8,6 @@ convs it currently holds). :mod:`refconv_train.reparam` maps each method name to
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import RefconvError
+from ..module_surgery import compile_patterns
 from ..refocus.transform import conv_kind
 
 
@@ -90,18 +90,6 @@ def spatial_targets(model: nn.Module, method: str, exclude: Iterable[str] = (),
         if pattern.pattern not in used:
             warnings.warn(f"{method} exclude pattern {pattern.pattern!r} matches no convolution", stacklevel=3)
     return targets, skipped
-
-
-def compile_patterns(exclude: Iterable[str], method: str) -> list[re.Pattern]:
-    if isinstance(exclude, str):
-        exclude = [exclude]
-    patterns = []
-    for text in exclude:
-        try:
-            patterns.append(re.compile(text))
-        except re.error as e:
-            raise RefconvError(f"{method} exclude pattern {text!r} is not a valid regular expression ({e})") from None
-    return patterns
 
 
 def nothing_changed(method: str, skipped: list[tuple[str, str]]) -> RefconvError:

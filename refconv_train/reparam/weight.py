@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from ..errors import RefconvError
+from ..module_surgery import bake_weight
 from . import protocol
 from .weight_math import centred_norm, centred_weight_norm, orthogonal_weight_norm, own_group_sizes
 
@@ -213,13 +214,6 @@ def fuse_weight(model: nn.Module) -> list[str]:
     """
     names = []
     for name, conv in weight_reparam_convs(model).items():
-        requires_grad = any(p.requires_grad for p in conv.parametrizations.weight.parameters())
-        # Deep copies (EMA, verification) share parametrize's generated class with the original, and removal
-        # deletes the `weight` property from that class: give this module a private copy of it first.
-        cls = type(conv)
-        conv.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-        with torch.no_grad():
-            parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
-        conv.weight.requires_grad_(requires_grad)
+        bake_weight(conv)
         names.append(name)
     return names

@@ -1,0 +1,38 @@
+"""Two steps every re-parameterization (RefConv and refconv_train.reparam) shares when it edits a model."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import RefconvError
+
+
+def compile_patterns(exclude: Iterable[str], method: str) -> list[re.Pattern]:
+    """The ``exclude`` regular expressions (one string is one pattern); a bad one is a one-line error."""
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    patterns = []
+    for text in exclude:
+        try:
+            patterns.append(re.compile(text))
+        except re.error as e:
+            raise RefconvError(f"{method} exclude pattern {text!r} is not a valid regular expression ({e})") from None
+    return patterns
+
+
+def bake_weight(conv: nn.Module) -> None:
+    """Replace a parametrized ``weight`` by a plain parameter holding its current value, in place: the module gets
+    back its original class and parameter names; ``requires_grad`` is kept."""
+    requires_grad = any(p.requires_grad for p in conv.parametrizations.weight.parameters())
+    # Deep copies (EMA, verification) share parametrize's generated class with the original, and removal
+    # deletes the `weight` property from that class: give this module a private copy of it first.
+    cls = type(conv)
+    conv.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    with torch.no_grad():
+        parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
+    conv.weight.requires_grad_(requires_grad)
