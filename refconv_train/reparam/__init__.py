@@ -16,7 +16,10 @@ import torch
 from torch import nn
 
 from ..errors import RefconvError
+from ..refocus import fuse_model
 from .protocol import ChangedLayer, ReparamReport
+from .structural import apply_structural, fuse_structural
+from .weight import apply_weight_reparam, fuse_weight
 
 STRUCTURAL = ("acb", "repvgg", "dbb")
 WEIGHT = ("wn", "cwn", "own")
@@ -40,9 +43,6 @@ def apply_reparam(model: nn.Module, method: str, exclude: Iterable[str] = (), br
     input batch for the hooked forward that finds conv -> BatchNorm pairs and measures the start (default: random
     64 px images). Raises :class:`RefconvError` on an unknown method or when nothing can be changed.
     """
-    from .structural import apply_structural
-    from .weight import apply_weight_reparam
-
     if method in STRUCTURAL:
         return apply_structural(model, method, exclude=exclude, branch_scale=branch_scale, example=example)
     if method in WEIGHT:
@@ -54,10 +54,6 @@ def apply_reparam(model: nn.Module, method: str, exclude: Iterable[str] = (), br
 def fuse_reparam(model: nn.Module) -> list[str]:
     """Fold every re-parameterization in ``model`` (RefConv, structural branches, weight parametrizations) back into
     plain convs, in place; returns the fused conv names. Idempotent; a model holding none is returned unchanged."""
-    from ..refocus import fuse_model
-    from .structural import fuse_structural
-    from .weight import fuse_weight
-
     return fuse_model(model) + fuse_structural(model) + fuse_weight(model)
 
 
