@@ -241,7 +241,8 @@ def describe(obj: Any) -> str:
     return f"a dict with keys {keys}"
 
 
-def fused_checkpoint(model: nn.Module, arch: str, num_classes: int, config: dict, max_abs_diff: float) -> dict:
+def fused_checkpoint(model: nn.Module, arch: str, num_classes: int, config: dict, max_abs_diff: float,
+                     output_scale: float = 1.0) -> dict:
     """The deployable format: the original architecture's state dict plus provenance. ``state_dict`` is the key that
     timm's ``load_checkpoint`` (``create_model(checkpoint_path=...)``, validate.py) reads."""
     return {
@@ -251,6 +252,7 @@ def fused_checkpoint(model: nn.Module, arch: str, num_classes: int, config: dict
         "num_classes": num_classes,
         "config": config,
         "max_abs_diff": float(max_abs_diff),
+        "output_scale": float(output_scale),  # max |output| of the check (at least 1): the tolerance's unit
     }
 
 

@@ -85,7 +85,8 @@ def write_fused(result: FuseResult, outputs: dict[str, Path], arch: str, num_cla
     (``safetensors``), an ONNX export with a dynamic batch axis (``onnx``, ``pip install .[onnx]``)."""
     for fmt, path in outputs.items():
         if fmt == "pth":
-            atomic_save(fused_checkpoint(result.model, arch, num_classes, config, result.max_abs_diff), path)
+            atomic_save(fused_checkpoint(result.model, arch, num_classes, config, result.max_abs_diff,
+                                         result.output_scale), path)
         elif fmt == "safetensors":
             atomic_save_safetensors(result.model.state_dict(), path)
         else:
