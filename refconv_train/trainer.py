@@ -191,8 +191,8 @@ class Trainer:
             return
         start = evaluate(self.model, self.val_loader, self.settings, show_progress=self.dist.is_main)
         if self.dist.is_main:
-            log.info("start moved by %s (max |output change|): before training top1 %.2f, loss %.4f",
-                     self.cfg.reparam.method, start.top1, start.loss)
+            log.info("%s moved the start (max |output change| %.3g): before training top1 %.2f, loss %.4f",
+                     self.cfg.reparam.method, self.report["start_max_abs_diff"], start.top1, start.loss)
             self.report.update(start_top1=start.top1, start_loss=start.loss)
             write_json(self.out / "reparam_report.json", self.report)
 
