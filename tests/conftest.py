@@ -42,6 +42,13 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    """:func:`one_thread` for a whole test module of small ops on tiny inputs (``pytestmark = usefixtures(...)``)."""
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
     from refconv_train.cli import train

@@ -42,13 +42,8 @@ PAPER = {
 PARAM_TOL, MADD_TOL = 0.05, 0.10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small ops on tiny inputs: one thread is several times faster than two on a busy 2-core machine (no spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small ops on tiny inputs: one thread is several times faster than two on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def count_params_and_madds(model: nn.Module, size: int = 224) -> tuple[int, int]:

@@ -25,13 +25,8 @@ from refconv_train.reparam.structural import (
 METHODS = ("acb", "repvgg", "dbb")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small ops on tiny inputs: one thread is much faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small ops on tiny inputs: one thread is several times faster than two on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def bn_after(conv: nn.Conv2d) -> nn.Module:

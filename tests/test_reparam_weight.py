@@ -28,13 +28,8 @@ from refconv_train.reparam.weight_math import (
 METHODS = ("wn", "cwn", "own")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small ops on tiny inputs: one thread is several times faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small ops on tiny inputs: one thread is several times faster than two on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 # ------------------------------------------------------------------------------------------------------ the math
