@@ -100,7 +100,8 @@ def build(args: argparse.Namespace, setup: str) -> tuple[nn.Module, int]:
     if setup in METHODS:
         added = apply_reparam(model, setup, example=example_input(model, args.img_size)).added_params
     elif setup != "baseline":
-        added = refocus_model(model, map_k=args.map_k, init="xavier").refocus_params
+        # cost does not depend on the weights: a fresh init is fine here (no untrained-kernel warning)
+        added = refocus_model(model, map_k=args.map_k, init="xavier", check_base=False).refocus_params
     return to_device(model, args), added
 
 
