@@ -46,11 +46,17 @@ class RefocusReport:
     map_k: int
     layers: list[RefocusedLayer] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    start_max_abs_diff: float | None = None  # not measured: init=zeros starts exactly, xavier/kaiming do not
     untrained: list[str] = field(default_factory=list)  # refocused layers whose W_b looked like a fresh init
 
     @property
     def refocus_params(self) -> int:
         return sum(layer.refocus_params for layer in self.layers)
+
+    @property
+    def added_params(self) -> int:
+        """The re-parameterization protocol's name for it (refconv_train.reparam.ReparamReport)."""
+        return self.refocus_params
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
