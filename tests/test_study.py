@@ -74,7 +74,7 @@ def write_study(root: Path, name: str = "tiny.study.yaml", **changes) -> Path:
 
 
 def test_quick_study_selects_on_holdout_reports_paired_differences_and_restarts(tiny):
-    study = write_study(tiny)
+    study = write_study(tiny, goal=0.3)
     rc, out, err = call(study_cli.main, [study, "--quick"])
     assert rc == 0, err[-3000:]
     root = tiny / "out_quick"
@@ -107,8 +107,10 @@ def test_quick_study_selects_on_holdout_reports_paired_differences_and_restarts(
     assert rcv["paired"]["finetune"]["mean"] == pytest.approx(expected.mean)
     assert ft["paired"]["finetune"] is None
     table = (root / "report" / "results.md").read_text()
-    assert "| variant | what | seeds | final top-1 | best epoch | Δ vs finetune [95% CI] | s / epoch | peak MB | " \
-           "train params | kernel change |" in table
+    assert "| variant | what | seeds | final top-1 | rank | best epoch | Δ vs finetune [95% CI] | goal: Δ ≥ +0.30, " \
+           "interval > 0 | s / epoch | peak MB | train params | kernel change |" in table
+    assert rcv["goal"]["met"] == (rcv["paired_stronger"]["mean"] >= 0.3 and rcv["paired_stronger"]["low"] > 0)
+    assert sorted([rcv["rank"], ft["rank"]]) == [1, 2] and ft["goal"] is None
     assert "QUICK MODE" in table and f"finetune: lr {chosen['lr']}" in table
     assert table.count("\n| refconv |") == 1 and table.count("\n| finetune |") == 1
     assert (root / "report" / "curves.png").is_file() and (root / "select" / "curves.png").is_file()
@@ -155,6 +157,8 @@ def test_dry_run_prints_the_baseline_selection_report_and_eval_commands_and_runs
     ({"budget": None}, r"uses \{budget\} but the study file sets no 'budget'"),
     ({"splits": {"select": "val"}}, r"splits: select and report are both 'val'"),
     ({"overrides": ["optim.epochs={E}"]}, r"unknown placeholder \{E\}"),
+    ({"goal": "big"}, r"goal: expected the top-1 points to gain over the stronger control \(>= 0\), got 'big'"),
+    ({"goal": 0.3, "controls": []}, r"goal: is measured against the stronger control, but the study file names no"),
     ({"config": "nowhere.yaml"}, r"config: config file 'nowhere.yaml' not found"),
     ({"select": {"finetune": {"lr": [0.1], "overrides": ["refocus.enabled=maybe"]}}},
      r"selection candidate 'finetune_lr0.1': config key 'refocus.enabled' expects"),
@@ -183,18 +187,33 @@ def test_table_pairs_every_variant_with_each_control_and_the_stronger_one(tmp_pa
     finals = {"ft": [80.0, 81.0, 82.0], "re": [79.0, 79.5, 80.0], "new": [81.0, 81.5, 83.5]}
     runs = {v: [RunMetrics(v, s, f"{v}{s}", [x - 5, x], x, x, 10.0, 900.0, 1000 if v != "new" else 250000, 0.01)
                 for s, x in enumerate(xs)] for v, xs in finals.items()}
-    text = write_results(tmp_path, "t", ["a setting"], {"ft": "fine-tuning", "re": "re-training", "new": "candidate"},
-                         runs, ["ft", "re"], {}, "val", notes={"new": "= x: the same runs"})
+    whats = {"ft": "fine-tuning", "re": "re-training", "new": "candidate"}
+    text = write_results(tmp_path, "t", ["a setting"], whats, runs, ["ft", "re"], {}, "val",
+                         notes={"new": "= x: the same runs"}, goal=0.3)
     head = next(line for line in text.splitlines() if line.startswith("| variant"))
-    assert "| Δ vs ft [95% CI] | Δ vs re [95% CI] | Δ vs stronger control (ft) [95% CI] | s / epoch |" in head
-    half = 4.303 * 0.5 / math.sqrt(3)  # new - ft: 1.0, 0.5, 1.5
+    assert ("| final top-1 | rank | best epoch | Δ vs ft [95% CI] | Δ vs re [95% CI] | Δ vs stronger control (ft) "
+            "[95% CI] | goal: Δ ≥ +0.30, interval > 0 | s / epoch |") in head
+    half = 4.303 * 0.5 / math.sqrt(3)  # new - ft: 1.0, 0.5, 1.5: mean 1.0 >= 0.3, but the interval crosses zero
     row = next(line for line in text.splitlines() if line.startswith("| new |"))
-    assert row.startswith("| new | candidate (= x: the same runs) | 3 | 82.00 ± 1.32 | 82.00 ± 1.32 | "
+    assert row.startswith("| new | candidate (= x: the same runs) | 3 | 82.00 ± 1.32 | 1 / 3 | 82.00 ± 1.32 | "
                           f"+1.00 [{1 - half:+.2f}, {1 + half:+.2f}] |")
-    assert row.endswith("| 10.0 | 900 | 0.25M | 0.01 |") and row.count(f"+1.00 [{1 - half:+.2f}") == 2
+    assert row.endswith("| interval not above 0 | 10.0 | 900 | 0.25M | 0.01 |") and row.count(f"+1.00 [{1 - half:+.2f}") == 2
+    assert next(line for line in text.splitlines() if line.startswith("| re |")).split(" | ")[4] == "3 / 3"
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["stronger_control"] == "ft" and data["variants"]["new"]["paired"]["re"]["mean"] == pytest.approx(2.5)
     assert data["variants"]["ft"]["paired"]["ft"] is None and len(data["variants"]["re"]["runs"]) == 3
+    assert data["goal"] == 0.3 and data["variants"]["ft"]["goal"] is None
+    assert data["variants"]["new"]["goal"] == {"goal": 0.3, "met": False, "short": 0.0, "interval_above_zero": False}
+
+    def goal_cell(goal: float) -> str:
+        text = write_results(tmp_path, "t", [], whats, runs, ["ft", "re"], {}, "val", goal=goal)
+        return next(line for line in text.splitlines() if line.startswith("| new |")).split(" | ")[9]
+
+    assert goal_cell(1.5) == "short 0.50; interval not above 0"
+    runs["new"] = [RunMetrics("new", s, f"new{s}", [x], x, x, 10.0, 900.0, 1000, 0.01)
+                   for s, x in enumerate([81.0, 82.1, 82.9])]  # new - ft: 1.0, 1.1, 0.9: interval [0.75, 1.25]
+    assert goal_cell(0.3) == "met" and goal_cell(1.2) == "short 0.20"
+    assert "goal" not in write_results(tmp_path, "t", [], whats, runs, ["ft", "re"], {}, "val").splitlines()[2]
 
 
 # What scripts/study.py (and scripts/study_budget_probe.sh) ran before the study files replaced them: every run's

@@ -143,13 +143,16 @@ def run_study(path: str | Path, phase: str = "all", seeds: list[int] | None = No
     notes.update({v.name: f"lr {chosen[v.family]} chosen for {v.family}" for v in study.variants
                   if v.family and v.name not in notes})
     settings = _settings(study, study.report_split, study.seeds) + _selection_lines(detail, study.select_split)
+    if study.goal is not None:
+        settings.append(f"goal: a variant gains at least {study.goal:.2f} points over the stronger control, its "
+                        f"95% interval above zero")
     extra: dict = {"selection": detail, "aliases": same, "seeds": list(study.seeds), "budget": study.budget}
     if base is not None:
         lines, extra["baseline"] = _baseline_lines(study, base, eval_json)
         settings += lines
     title = f"{study.name}: top-1 % on the '{study.report_split}' split"
     text = write_results(study.output / "report", title, settings, whats, collected, list(study.controls), extra,
-                         study.report_split, notes)
+                         study.report_split, notes, goal=study.goal)
     print(text, end="")
     raise_on_failures(outcomes, "report")
     print(f"study done in {time.time() - start:.0f} s: {study.output / 'report' / 'results.md'}")

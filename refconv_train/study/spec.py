@@ -16,7 +16,7 @@ from ..errors import RefconvError
 BUDGET = "{budget}"  # placeholder in overrides: the stage-2 epoch budget
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # variant and family names are folder names
 TOP_KEYS = ("name", "config", "overrides", "baseline", "output", "seeds", "splits", "budget", "select", "variants",
-            "controls")
+            "controls", "goal")
 # --quick: every run one epoch of a few small steps; its numbers only show that the pipeline works.
 QUICK_OVERRIDES = ("data.batch_size=16", "data.img_size=32", "train.max_steps_per_epoch=4", "train.stop_after_epoch=1")
 
@@ -70,6 +70,7 @@ class Study:
     families: tuple[Family, ...] = ()
     variants: tuple[Variant, ...] = ()
     controls: tuple[str, ...] = ()
+    goal: float | None = None  # top-1 points over the stronger control, with the 95% interval above zero
     select_seed: int = 0
     quick: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
@@ -228,13 +229,19 @@ def load_study(path: str | os.PathLike) -> Study:
             raise _err(path, "controls", f"'{c}' is not a variant (variants: {', '.join(v.name for v in variants)})")
     if len(set(controls)) != len(controls):
         raise _err(path, "controls", "a control is named twice")
+    goal = d.get("goal")
+    if goal is not None and (not isinstance(goal, (int, float)) or isinstance(goal, bool) or goal < 0):
+        raise _err(path, "goal", f"expected the top-1 points to gain over the stronger control (>= 0), got {goal!r}")
+    if goal is not None and not controls:
+        raise _err(path, "goal", "is measured against the stronger control, but the study file names no 'controls'")
 
     study = Study(path=path, name=str(d.get("name") or path.name.removesuffix(".yaml").removesuffix(".study")),
                   config=_config_path(path, "config", d["config"]), output=Path(str(d["output"])),
                   overrides=_strings(path, "overrides", d.get("overrides")), baseline=baseline,
                   seeds=tuple(dict.fromkeys(seeds)), select_split=splits.get("select", "holdout"),
                   report_split=splits.get("report", "val"), budget=budget, families=tuple(families),
-                  variants=tuple(variants), controls=tuple(controls))
+                  variants=tuple(variants), controls=tuple(controls),
+                  goal=None if goal is None else float(goal))
     if budget is None:
         every = [("overrides", study.overrides)] + [(f"variant '{v.name}'", v.overrides) for v in variants] + \
                 [(f"select.{f.name}", f.overrides) for f in families]
