@@ -32,3 +32,16 @@ def test_installed_metadata_and_setup_cfg_declare_ranges_for_torch_and_torchvisi
             spec = reqs[name].replace(" ", "")
             assert "==" not in spec and f">={lower}" in spec, spec
         assert not any("==" in spec for spec in reqs.values()), reqs
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    """`refconv-study ... --dry-run | head`: a closed stdout is exit status 141 (as SIGPIPE in a shell), no traceback."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from refconv_train.cli.common import run_cli\n"
+            "sys.exit(run_cli(lambda: [print('x' * 99) for _ in range(100_000)] and None))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(100)
+    proc.stdout.close()  # the reader leaves; 10 MB do not fit in the pipe
+    assert proc.wait(timeout=60) == 141 and proc.stderr.read() == b""
