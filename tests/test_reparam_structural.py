@@ -308,3 +308,33 @@ def test_convnext_depthwise_convs_take_their_bias_and_layernorm_needs_none():
             block.conv_dw.bias = None  # the "no bias, LayerNorm after it" case
     skipped = dict(apply_structural(model, "acb", example=x).skipped)
     assert skipped["stages.0.blocks.0.conv_dw"] == NO_BIAS_SINK
+
+
+STRIDED_STEM = """
+import sys, torch
+from torch import nn
+from refconv_train.reparam import apply_reparam
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+apply_reparam(net, sys.argv[1], branch_scale=1.0)
+x = torch.randn(16, 3, 50, 50)
+grads = []
+for cl in (False, True):
+    net.zero_grad()
+    xx = x.contiguous(memory_format=torch.channels_last) if cl else x
+    net.to(memory_format=torch.channels_last if cl else torch.contiguous_format)(xx).square().sum().backward()
+    grads.append(net[0].rep_branches.conv1x1.conv.weight.grad.clone())
+print(((grads[1] - grads[0]).abs().max() / grads[0].abs().max()).item())
+"""
+
+
+@pytest.mark.parametrize("method", ["repvgg", "dbb"])
+def test_strided_1x1_branch_on_a_3_channel_stem_trains_channels_last(method):
+    """oneDNN's strided 1x1 weight gradient (channels_last, 3 input channels, 50 px) crashes the process; the branch
+    subsamples first. In a child process, so that a regression is a failed test, not a dead test session."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", STRIDED_STEM, method], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"status {proc.returncode}: {proc.stderr[-500:]}"
+    assert float(proc.stdout) < 1e-4  # the same weight gradient as in NCHW (fp32 sums in another order)

@@ -61,7 +61,14 @@ class ConvBN(Branch):
         self.bn = nn.BatchNorm2d(main.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
+        conv = self.conv
+        if conv.kernel_size == (1, 1) and conv.stride != (1, 1):
+            # A strided 1x1 conv reads every s-th pixel: subsample, then stride 1 (the same values, less work). On CPU,
+            # oneDNN's strided 1x1 weight gradient with channels_last input and fewer channels than its block
+            # (RepVGG's / DBB's 1x1 branch on a 3-channel stem) crashes or is wrong (oneDNN issue #6035).
+            x = x[:, :, :: conv.stride[0], :: conv.stride[1]]
+            return self.bn(F.conv2d(x, conv.weight, None, 1, 0, 1, conv.groups))
+        return self.bn(conv(x))
 
     def kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         return _fold(self.conv.weight, self.bn)
