@@ -158,6 +158,8 @@ def test_dry_run_prints_the_baseline_selection_report_and_eval_commands_and_runs
     ({"splits": {"select": "val"}}, r"splits: select and report are both 'val'"),
     ({"overrides": ["optim.epochs={E}"]}, r"unknown placeholder \{E\}"),
     ({"goal": "big"}, r"goal: expected the top-1 points to gain over the stronger control \(>= 0\), got 'big'"),
+    ({"goal": float("nan")}, r"goal: expected the top-1 points to gain over the stronger control \(>= 0\), got nan"),
+    ({"goal": -0.1}, r"goal: expected the top-1 points to gain over the stronger control \(>= 0\), got -0.1"),
     ({"goal": 0.3, "controls": []}, r"goal: is measured against the stronger control, but the study file names no"),
     ({"config": "nowhere.yaml"}, r"config: config file 'nowhere.yaml' not found"),
     ({"select": {"finetune": {"lr": [0.1], "overrides": ["refocus.enabled=maybe"]}}},
@@ -197,7 +199,8 @@ def test_table_pairs_every_variant_with_each_control_and_the_stronger_one(tmp_pa
     row = next(line for line in text.splitlines() if line.startswith("| new |"))
     assert row.startswith("| new | candidate (= x: the same runs) | 3 | 82.00 ± 1.32 | 1 / 3 | 82.00 ± 1.32 | "
                           f"+1.00 [{1 - half:+.2f}, {1 + half:+.2f}] |")
-    assert row.endswith("| interval not above 0 | 10.0 | 900 | 0.25M | 0.01 |") and row.count(f"+1.00 [{1 - half:+.2f}") == 2
+    assert row.endswith("| interval not above 0 | 10.0 | 900 | 0.25M | 0.01 |")
+    assert row.count(f"+1.00 [{1 - half:+.2f}") == 2
     assert next(line for line in text.splitlines() if line.startswith("| re |")).split(" | ")[4] == "3 / 3"
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["stronger_control"] == "ft" and data["variants"]["new"]["paired"]["re"]["mean"] == pytest.approx(2.5)

@@ -3,6 +3,7 @@ errors for everything that can be checked before a run starts."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -230,7 +231,8 @@ def load_study(path: str | os.PathLike) -> Study:
     if len(set(controls)) != len(controls):
         raise _err(path, "controls", "a control is named twice")
     goal = d.get("goal")
-    if goal is not None and (not isinstance(goal, (int, float)) or isinstance(goal, bool) or goal < 0):
+    numeric = isinstance(goal, (int, float)) and not isinstance(goal, bool)
+    if goal is not None and not (numeric and 0 <= goal < math.inf):  # YAML's .nan and .inf are floats too
         raise _err(path, "goal", f"expected the top-1 points to gain over the stronger control (>= 0), got {goal!r}")
     if goal is not None and not controls:
         raise _err(path, "goal", "is measured against the stronger control, but the study file names no 'controls'")
