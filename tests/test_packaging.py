@@ -35,7 +35,7 @@ def test_installed_metadata_and_setup_cfg_declare_ranges_for_torch_and_torchvisi
 
 
 def test_a_reader_that_leaves_early_ends_the_command_quietly():
-    """`refconv-study ... --dry-run | head`: a closed stdout is exit status 141 (as SIGPIPE in a shell), no traceback."""
+    """`refconv-study ... --dry-run | head`: a closed stdout is exit status 141 (as SIGPIPE in a shell), no trace."""
     import subprocess
     import sys
 
