@@ -25,8 +25,8 @@ from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.ops import box_iou
 
 from refconv_train import fuse_model, refocus_model
-from refconv_train.per_step import PerStepTransform
-from refconv_train.refocus import refocus_param_groups
+from refconv_train.methods.refconv import refocus_param_groups
+from refconv_train.methods.refconv.per_step import PerStepTransform
 
 
 def build_detector(num_classes: int, size: int) -> torch.nn.Module:

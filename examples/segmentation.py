@@ -27,8 +27,8 @@ from torchvision.models import MobileNet_V3_Large_Weights
 from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
 from refconv_train import fuse_model, refocus_model
-from refconv_train.per_step import PerStepTransform
-from refconv_train.refocus import refocus_param_groups
+from refconv_train.methods.refconv import refocus_param_groups
+from refconv_train.methods.refconv.per_step import PerStepTransform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -68,7 +68,7 @@ def reparameterize(model: torch.nn.Module, method: str, example: torch.Tensor
         report = refocus_model(model.backbone, init="zeros")
         transform = PerStepTransform(model)  # W_t once per optimizer step
         return len(report.layers), transform, refocus_param_groups(model, step_norm="layer")
-    from refconv_train.reparam import apply_reparam  # the paper's comparison methods: acb, repvgg, dbb, wn, ...
+    from refconv_train.methods.reparam import apply_reparam  # the paper's comparison methods: acb, repvgg, dbb, wn, ...
 
     report = apply_reparam(model.backbone, method, example=example)  # example: finds conv -> BN pairs
     return len(report.layers), None, [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -78,7 +78,7 @@ def fuse(model: torch.nn.Module, method: str) -> None:
     if method == "refconv":
         fuse_model(model)
     else:
-        from refconv_train.reparam import fuse_reparam
+        from refconv_train.methods.reparam import fuse_reparam
 
         fuse_reparam(model)
 

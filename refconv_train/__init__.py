@@ -16,8 +16,7 @@ The paper's comparison methods (ACB, RepVGG, DBB, WN, CWN, OWN) behind one proto
 
 from .checkpoint import read_state_dict
 from .errors import RefconvError
-from .models import build_model
-from .refocus import (
+from .methods.refconv import (
     Refocus,
     RefocusReport,
     fuse_model,
@@ -27,7 +26,8 @@ from .refocus import (
     refocus_transform,
     refocused_convs,
 )
-from .reparam import METHODS, ReparamReport, apply_reparam, fuse_reparam
+from .methods.reparam import METHODS, ReparamReport, apply_reparam, fuse_reparam
+from .models import build_model
 from .verify import max_output_diff, randomize_bn_stats
 
 __all__ = [

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import RefconvError
-from .refocus import fuse_state_dict, is_refocus_state_dict
+from .methods.refconv import fuse_state_dict, is_refocus_state_dict
 
 CHECKPOINT_FORMAT = "refconv-train/1"
 FUSED_FORMAT = "refconv-train/fused/1"
@@ -75,7 +75,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     else:
         obj = safe_torch_load(path)
         if _reparam_method(obj) not in ("none", "refconv"):
-            from .restore import fused_training_weights  # restore builds models: it imports this module
+            from .run.restore import fused_training_weights  # restore builds models: it imports this module
 
             return fused_training_weights(obj, path)
         state = _extract_state_dict(obj, path)

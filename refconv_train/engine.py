@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .data import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from .distributed import all_reduce_sum
 from .errors import RefconvError
-from .per_step import PerStepTransform
+from .methods.refconv.per_step import PerStepTransform
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -29,11 +29,11 @@ from .config import Config, config_to_dict, save_config
 from .distributed import DistInfo, all_gather, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
 from .engine import EvalResult, LossMeter, StepSettings, evaluate, train_step
 from .errors import RefconvError
-from .factories import build_scheduler, build_sgd, build_training_model, method_of, param_groups, use_sync_bn
 from .faults import Fault
-from .fusing import fuse_and_verify, fused_outputs, write_fused
-from .per_step import PerStepTransform
+from .methods.refconv.per_step import PerStepTransform
 from .preemption import StopOnSignal
+from .run.factories import build_scheduler, build_sgd, build_training_model, method_of, param_groups, use_sync_bn
+from .run.fusing import fuse_and_verify, fused_outputs, write_fused
 from .run_log import RunLog, write_json, write_method_report
 
 log = logging.getLogger("refconv_train")

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refconv_train import build_model, refocus_model  # noqa: E402
 from refconv_train.config import OptimConfig  # noqa: E402
 from refconv_train.engine import StepSettings, train_step  # noqa: E402
-from refconv_train.factories import build_sgd  # noqa: E402
-from refconv_train.per_step import PerStepTransform, ddp_gradient_values  # noqa: E402
+from refconv_train.methods.refconv.per_step import PerStepTransform, ddp_gradient_values  # noqa: E402
+from refconv_train.run.factories import build_sgd  # noqa: E402
 
 SETUPS = ("baseline", "refocus", "refocus_per_step")
 

@@ -33,7 +33,7 @@ from refconv_train.config import OptimConfig  # noqa: E402
 from refconv_train.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_loader, build_transform  # noqa: E402
 from refconv_train.demo_data import make_demo_data  # noqa: E402
 from refconv_train.engine import LossMeter, StepSettings, train_step  # noqa: E402
-from refconv_train.factories import build_scheduler  # noqa: E402
+from refconv_train.run.factories import build_scheduler  # noqa: E402
 
 
 def decode_rates(datasets: dict, n: int, repeats: int = 3) -> dict[str, float]:

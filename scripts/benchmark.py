@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 from refconv_train import Refocus, build_model, fuse_model, refocus_model  # noqa: E402
 from refconv_train.config import OptimConfig  # noqa: E402
 from refconv_train.engine import StepSettings, train_step  # noqa: E402
-from refconv_train.factories import build_sgd  # noqa: E402
-from refconv_train.per_step import PerStepTransform, ddp_gradient_values  # noqa: E402
-from refconv_train.reparam import METHODS, apply_reparam  # noqa: E402
-from refconv_train.reparam.protocol import example_input  # noqa: E402
+from refconv_train.methods.protocol import example_input  # noqa: E402
+from refconv_train.methods.refconv.per_step import PerStepTransform, ddp_gradient_values  # noqa: E402
+from refconv_train.methods.reparam import METHODS, apply_reparam  # noqa: E402
+from refconv_train.run.factories import build_sgd  # noqa: E402
 
 TRAIN_SETUPS = ("baseline", "refocus", "refocus_per_step")
 EVAL_SETUPS = ("baseline", "refocus", "fused")

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 from refconv_train.errors import RefconvError  # noqa: E402
-from refconv_train.restore import restore_any  # noqa: E402
+from refconv_train.run.restore import restore_any  # noqa: E402
 
 # (key of eval_<key>.json, label, checkpoint relative to the runs folder)
 ROWS = [("baseline", "baseline", "baseline/best.pth"),

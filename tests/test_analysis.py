@@ -13,10 +13,10 @@ from cli_helpers import assert_one_line_error
 from cli_helpers import call as call_cli
 from PIL import Image
 
-from refconv_train import analysis
+from refconv_train.analysis import kernels as analysis
 from refconv_train.checkpoint import atomic_save
 from refconv_train.cli import analyze as analyze_cli
-from refconv_train.refocus import fuse_state_dict
+from refconv_train.methods.refconv import fuse_state_dict
 
 CLASSES = 4
 
@@ -81,7 +81,7 @@ def test_kernel_kl_matrix_equals_torch_kl_div():
 
 
 def test_kind_matches_conv_kind():
-    from refconv_train.refocus import conv_kind, refocus_shape
+    from refconv_train.methods.refconv import conv_kind, refocus_shape
 
     for conv in (torch.nn.Conv2d(8, 8, 3, groups=8), torch.nn.Conv2d(8, 16, 3, groups=4), torch.nn.Conv2d(4, 8, 3)):
         w_r = torch.zeros(refocus_shape(conv.weight.shape, conv.groups, 3))

@@ -17,12 +17,12 @@ from cli_helpers import assert_one_line_error, call
 from conftest import TINY_MODEL, TINY_SIZE, TinyRuns, one_thread, tiny_train_args
 
 from refconv_train import data as data_lib
-from refconv_train import fusing
 from refconv_train.cli import eval as eval_cli
 from refconv_train.cli import fuse as fuse_cli
 from refconv_train.cli import train as train_cli
 from refconv_train.demo_data import make_demo_data
-from refconv_train.restore import restore_any
+from refconv_train.run import fusing
+from refconv_train.run.restore import restore_any
 
 LINE = re.compile(r"top1=(\d+\.\d+) top5=(\d+\.\d+) loss=(\d+\.\d+) images=(\d+) img_per_s=(\d+\.\d+)")
 NOT_REFCONV = re.compile(r"error: '.+' is not a re-parameterized training checkpoint \(it holds .+\)")

@@ -19,8 +19,8 @@ from torch.nn.utils import parametrize
 from refconv_train import RefconvError, refocus_model
 from refconv_train.cli.train import main as train_main
 from refconv_train.config import config_from_dict, load_config
-from refconv_train.factories import build_training_model
-from refconv_train.refocus.base_check import MIN_VALUES, looks_like_init
+from refconv_train.methods.refconv.base_check import MIN_VALUES, looks_like_init
+from refconv_train.run.factories import build_training_model
 
 LITE0 = Path(os.environ.get("REFCONV_LITE0", "data/tf_efficientnet_lite0_imagenet.pth"))  # scripts/convert_...
 

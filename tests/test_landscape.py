@@ -16,14 +16,14 @@ from PIL import Image
 from torch import nn
 
 from refconv_train import data as data_lib
-from refconv_train import landscape as ls
+from refconv_train.analysis import landscape as ls
+from refconv_train.analysis.landscape_run import LandscapeSettings, load_batches, measure
 from refconv_train.checkpoint import atomic_save, fused_checkpoint
 from refconv_train.cli import analyze as analyze_cli
 from refconv_train.cli import eval as eval_cli
 from refconv_train.engine import StepSettings, evaluate
-from refconv_train.landscape_run import LandscapeSettings, load_batches, measure
 from refconv_train.models import build_model
-from refconv_train.restore import restore_any
+from refconv_train.run.restore import restore_any
 
 CLASSES = 3
 ARCH = "mobilenetv3_small_050"  # has hardsigmoid (no double backward in PyTorch): the Hessian's special case

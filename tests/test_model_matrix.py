@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from refconv_train import build_model, fuse_model, max_output_diff, randomize_bn_stats, refocus_model
-from refconv_train.refocus import refocus_parameters
+from refconv_train.methods.refconv import refocus_parameters
 
 MODELS = [
     "mobilenetv2_100", "mobilenetv3_small_100", "efficientnet_b0", "tf_efficientnet_lite0", "resnet18",

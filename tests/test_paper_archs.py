@@ -12,8 +12,8 @@ from torch import nn
 
 from refconv_train import RefconvError, build_model, fuse_reparam, randomize_bn_stats
 from refconv_train.config import load_config
-from refconv_train.factories import build_training_model, method_of
-from refconv_train.refocus import refocus_parameters, refocused_convs
+from refconv_train.methods.refconv import refocus_parameters, refocused_convs
+from refconv_train.run.factories import build_training_model, method_of
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from refconv_train import refocus_model
-from refconv_train.per_step import PerStepTransform
-from refconv_train.refocus import refocused_convs
+from refconv_train.methods.refconv import refocused_convs
+from refconv_train.methods.refconv.per_step import PerStepTransform
 
 
 def grads(model: nn.Module) -> dict[str, torch.Tensor]:

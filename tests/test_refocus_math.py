@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from refconv_train import Refocus, refocus_model, refocus_transform
-from refconv_train.refocus import kernel_patches, refocus_delta_gemm, refocus_shape
+from refconv_train.methods.refconv import kernel_patches, refocus_delta_gemm, refocus_shape
 
 
 def reference_refocus(base: torch.Tensor, w_r: torch.Tensor, conv_groups: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import refconv_train.refocus.parametrization as refocus_lib
+import refconv_train.methods.refconv.parametrization as refocus_lib
 from refconv_train import RefconvError, build_model, refocus_model, refocus_parameters, refocused_convs
 
 

@@ -13,8 +13,8 @@ from timm.layers import StdConv2d, create_conv2d
 from torch import nn
 
 from refconv_train import RefconvError, build_model, randomize_bn_stats
-from refconv_train.reparam.bn_pairs import find_bn_pairs
-from refconv_train.reparam.structural import (
+from refconv_train.methods.reparam.bn_pairs import find_bn_pairs
+from refconv_train.methods.reparam.structural import (
     NO_BIAS_SINK,
     RepBranches,
     apply_structural,
@@ -313,7 +313,7 @@ def test_convnext_depthwise_convs_take_their_bias_and_layernorm_needs_none():
 STRIDED_STEM = """
 import sys, torch
 from torch import nn
-from refconv_train.reparam import apply_reparam
+from refconv_train.methods.reparam import apply_reparam
 torch.manual_seed(0)
 net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
 apply_reparam(net, sys.argv[1], branch_scale=1.0)

@@ -20,7 +20,7 @@ from refconv_train.cli import fuse as fuse_cli
 from refconv_train.cli import train as train_cli
 from refconv_train.config import load_config
 from refconv_train.models import build_model
-from refconv_train.restore import restore_any
+from refconv_train.run.restore import restore_any
 
 
 def method_args(tiny_runs, out: Path, method: str, *extra: str) -> list[str]:

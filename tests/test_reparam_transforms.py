@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refconv_train.reparam import transforms as T
+from refconv_train.methods.reparam import kernel_algebra as T
 
 
 def gen(seed: int = 0) -> torch.Generator:

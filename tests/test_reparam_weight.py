@@ -10,15 +10,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from refconv_train import RefconvError, build_model, randomize_bn_stats, refocus_model
-from refconv_train.refocus import refocused_convs
-from refconv_train.reparam.weight import (
+from refconv_train.methods.refconv import refocused_convs
+from refconv_train.methods.reparam.weight import (
     CWN_EPS,
     OWN_EPS,
     apply_weight_reparam,
     fuse_weight,
     weight_reparam_convs,
 )
-from refconv_train.reparam.weight_math import (
+from refconv_train.methods.reparam.weight_math import (
     centred_weight_norm,
     inv_sqrt_psd,
     orthogonal_weight_norm,

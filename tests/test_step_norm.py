@@ -18,9 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from refconv_train import RefconvError, refocus_model
 from refconv_train.config import OptimConfig
-from refconv_train.factories import build_scheduler, build_sgd
-from refconv_train.per_step import PerStepTransform
-from refconv_train.refocus import refocus_delta, refocus_param_groups, refocus_shape, refocused_convs, step_gain
+from refconv_train.methods.refconv import refocus_delta, refocus_param_groups, refocus_shape, refocused_convs, step_gain
+from refconv_train.methods.refconv.per_step import PerStepTransform
+from refconv_train.run.factories import build_scheduler, build_sgd
 
 
 @pytest.mark.parametrize("shape,groups", [((6, 1, 3, 3), 6), ((6, 2, 5, 5), 3), ((4, 3, 3, 3), 1),

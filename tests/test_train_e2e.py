@@ -16,8 +16,8 @@ from refconv_train import build_model, max_output_diff
 from refconv_train.cli.train import main as train_main
 from refconv_train.config import OptimConfig
 from refconv_train.demo_data import make_demo_data
-from refconv_train.factories import build_scheduler
-from refconv_train.refocus import BASE_KEY, REFOCUS_KEY
+from refconv_train.methods.refconv import BASE_KEY, REFOCUS_KEY
+from refconv_train.run.factories import build_scheduler
 
 MODEL = "mobilenetv2_050"
 
@@ -103,7 +103,7 @@ def test_compiled_refocus_run_on_cpu_does_not_recompile_per_step(data_root, tmp_
 
 def test_sync_bn_is_used_only_with_several_cuda_processes_and_refused_on_cpu():
     from refconv_train.errors import RefconvError
-    from refconv_train.factories import use_sync_bn
+    from refconv_train.run.factories import use_sync_bn
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert use_sync_bn(True, True, cuda) and not use_sync_bn(True, False, cpu) and not use_sync_bn(False, True, cpu)
@@ -149,7 +149,7 @@ def test_per_step_transform_computes_w_t_once_per_step_with_plain_autograds_grad
     """Default: W_t once per optimizer step, not per micro-batch (counted), and the same update as autograd through
     the transform per micro-batch (compared after one step: later steps of this tiny from-scratch model are chaotic,
     BN over 4 images of 1x1 maps, and amplify float rounding, 1e-7, to anything)."""
-    from refconv_train.refocus import Refocus
+    from refconv_train.methods.refconv import Refocus
 
     computed = []
     compute = Refocus._compute

@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..analysis import DEFAULT_CHANNELS
-from ..analysis_plots import analyze_checkpoint
-from ..landscape_run import LandscapeSettings, run_landscape
+from ..analysis.kernel_plots import analyze_checkpoint
+from ..analysis.kernels import DEFAULT_CHANNELS
+from ..analysis.landscape_run import LandscapeSettings, run_landscape
 from .common import run_cli
 
 LANDSCAPE_DOC = """refconv-analyze landscape: the loss landscape around each model (the paper's Fig. 8): a 2-D surface

@@ -13,7 +13,7 @@ import torch
 from .. import data as data_lib
 from ..distributed import cleanup, init_distributed
 from ..engine import StepSettings, evaluate
-from ..restore import restore_any
+from ..run.restore import restore_any
 from .common import run_cli
 
 

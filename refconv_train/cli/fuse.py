@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ..config import config_to_dict
 from ..errors import RefconvError
-from ..fusing import FORMATS, fuse_and_verify, fused_outputs, write_fused
-from ..restore import restore_reparam_training
+from ..run.fusing import FORMATS, fuse_and_verify, fused_outputs, write_fused
+from ..run.restore import restore_reparam_training
 from .common import run_cli
 
 

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import RefconvError
-from ..module_surgery import bake_weight, compile_patterns
+from ...errors import RefconvError
+from ..modules import bake_weight, compile_patterns
 from .base_check import MIN_VALUES, UNTRAINED_FRACTION, is_zero, looks_like_init
+from .kernel_math import conv_kind, step_gain
 from .parametrization import INITS, Refocus
-from .transform import conv_kind, step_gain
 
 BASES = ("frozen", "trainable")
 BASE_INITS = ("pretrained", "random")

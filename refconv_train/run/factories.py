@@ -7,12 +7,12 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from .config import Config, OptimConfig
-from .errors import RefconvError
-from .models import build_model
-from .refocus import RefocusReport, refocus_model, refocus_param_groups
-from .reparam import ReparamReport, apply_reparam
-from .reparam.protocol import example_input
+from ..config import Config, OptimConfig
+from ..errors import RefconvError
+from ..methods.protocol import example_input
+from ..methods.refconv import RefocusReport, refocus_model, refocus_param_groups
+from ..methods.reparam import ReparamReport, apply_reparam
+from ..models import build_model
 
 
 def method_of(cfg: Config) -> str:

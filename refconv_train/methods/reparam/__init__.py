@@ -15,9 +15,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..errors import RefconvError
-from ..refocus import fuse_model
-from .protocol import ChangedLayer, ReparamReport
+from ...errors import RefconvError
+from ..protocol import ChangedLayer, ReparamReport
+from ..refconv import fuse_model
 from .structural import apply_structural, fuse_structural
 from .weight import apply_weight_reparam, fuse_weight
 

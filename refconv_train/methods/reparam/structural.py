@@ -25,11 +25,11 @@ from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import RefconvError
-from . import transforms as T
+from ...errors import RefconvError
+from ..protocol import ReparamReport, eval_outputs, example_input, layer_info, nothing_changed, spatial_targets
+from . import kernel_algebra as T
 from .bn_pairs import bn_pairs_and_output, find_bn_pairs
 from .branches import AvgBranch, ConvBN, IdentityBN, OneByOneKxK, RepBranches, _add_branches
-from .protocol import ReparamReport, eval_outputs, example_input, layer_info, nothing_changed, spatial_targets
 
 METHODS = ("acb", "repvgg", "dbb")
 _KNOWN_FORWARDS = (nn.Conv2d.forward, Conv2dSame.forward, Conv2dSameExport.forward)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .analysis_plots import figure_class
+from .kernel_plots import figure_class
 
 SATURATE_QUANTILE = 0.9  # the shared contour levels end here; higher losses share the top colour
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import RefconvError
-from ..module_surgery import compile_patterns
-from ..refocus.transform import conv_kind
+from .modules import compile_patterns
+from .refconv.kernel_math import conv_kind
 
 
 @dataclass

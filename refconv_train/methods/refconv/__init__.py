@@ -6,9 +6,7 @@
 - :mod:`.step_norm`: optimizer parameter groups for step normalisation.
 """
 
-from .parametrization import INITS, Refocus, init_refocus_weight
-from .step_norm import STEP_NORMS, refocus_param_groups
-from .surgery import (
+from .inject import (
     BASE_INITS,
     BASE_KEY,
     BASES,
@@ -23,7 +21,7 @@ from .surgery import (
     refocused_convs,
     refocused_kernels,
 )
-from .transform import (
+from .kernel_math import (
     conv_kind,
     kernel_kind,
     kernel_patches,
@@ -33,6 +31,8 @@ from .transform import (
     refocus_transform,
     step_gain,
 )
+from .parametrization import INITS, Refocus, init_refocus_weight
+from .step_norm import STEP_NORMS, refocus_param_groups
 
 __all__ = [
     "INITS", "Refocus", "init_refocus_weight", "STEP_NORMS", "refocus_param_groups", "BASE_INITS", "BASE_KEY",

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .analysis import (
+from ..errors import RefconvError
+from .kernels import (
     DEFAULT_CHANNELS,
     STATS_FIELDS,
     Analysis,
@@ -20,7 +21,6 @@ from .analysis import (
     mean_off_diagonal,
     select_layers,
 )
-from .errors import RefconvError
 
 
 def figure_class():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import RefconvError
+from ..errors import RefconvError
 
 
 def compile_patterns(exclude: Iterable[str], method: str) -> list[re.Pattern]:

@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from .protocol import example_input
+from ..protocol import example_input
 
 
 class _UseCounter(TorchFunctionMode):

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import CHECKPOINT_FORMAT, FUSED_FORMAT, describe, read_state_dict, safe_torch_load
-from .config import Config, config_from_dict
-from .errors import RefconvError
+from ..checkpoint import CHECKPOINT_FORMAT, FUSED_FORMAT, describe, read_state_dict, safe_torch_load
+from ..config import Config, config_from_dict
+from ..errors import RefconvError
+from ..methods.reparam import fuse_reparam
+from ..models import build_model, load_state_dict_checked
 from .factories import build_training_model, method_of
-from .models import build_model, load_state_dict_checked
-from .reparam import fuse_reparam
 
 
 @dataclass

@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call, grad, vjp
 from torch.overrides import TorchFunctionMode
 
-from .errors import RefconvError
+from ..errors import RefconvError
 
 Params = dict[str, torch.Tensor]
 LossTerm = tuple[float, Callable[[Params], torch.Tensor]]

@@ -11,8 +11,8 @@ import math
 import torch
 from torch import nn
 
-from ..errors import RefconvError
-from .transform import kernel_patches, refocus_delta, refocus_delta_gemm, refocus_shape
+from ...errors import RefconvError
+from .kernel_math import kernel_patches, refocus_delta, refocus_delta_gemm, refocus_shape
 
 INITS = ("xavier", "zeros", "kaiming")
 

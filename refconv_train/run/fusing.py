@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import atomic_save, atomic_save_safetensors, fused_checkpoint, unwrap
-from .errors import RefconvError
-from .models import build_model
-from .reparam import fuse_reparam
-from .verify import output_diff_and_scale, randomize_bn_stats
+from ..checkpoint import atomic_save, atomic_save_safetensors, fused_checkpoint, unwrap
+from ..errors import RefconvError
+from ..methods.reparam import fuse_reparam
+from ..models import build_model
+from ..verify import output_diff_and_scale, randomize_bn_stats
 
 FORMATS = ("pth", "safetensors", "onnx")
 

@@ -30,9 +30,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from ..errors import RefconvError
-from ..module_surgery import bake_weight
-from . import protocol
+from ...errors import RefconvError
+from .. import protocol
+from ..modules import bake_weight
 from .weight_math import centred_norm, centred_weight_norm, orthogonal_weight_norm, own_group_sizes
 
 METHODS = ("wn", "cwn", "own")

@@ -14,9 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import RefconvError
-from .surgery import refocused_convs
-from .transform import step_gain
+from ...errors import RefconvError
+from .inject import refocused_convs
+from .kernel_math import step_gain
 
 STEP_NORMS = ("none", "layer")
 

@@ -13,7 +13,7 @@ from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 from timm.layers.padding import pad_same_arg
 from torch import nn
 
-from . import transforms as T
+from . import kernel_algebra as T
 
 
 def main_padding(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int, int, int]:

@@ -18,7 +18,8 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .refocus import Refocus, refocused_convs
+from .inject import refocused_convs
+from .parametrization import Refocus
 
 
 class PerStepTransform:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import describe, load_training_checkpoint
-from .errors import RefconvError
-from .refocus import is_refocus_state_dict, kernel_kind, refocus_transform, refocused_kernels
+from ..checkpoint import describe, load_training_checkpoint
+from ..errors import RefconvError
+from ..methods.refconv import is_refocus_state_dict, kernel_kind, refocus_transform, refocused_kernels
 
 DEFAULT_CHANNELS = 64
 STATS_FIELDS = ("layer", "kind", "kernel", "refocus_params", "rel_change", "kl_base", "kl_refocused", "kl_channels")

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import data as data_lib
+from .. import data as data_lib
+from ..errors import RefconvError
+from ..run.restore import Restored, restore_any
 from . import landscape as ls
-from .errors import RefconvError
-from .restore import Restored, restore_any
 
 FORMAT = "refconv-landscape/1"
 FILTER_NORMALIZATION = ("each output filter (row) of every parameter with dim > 1 rescaled to the norm of the "
@@ -54,7 +54,7 @@ def fuse_for_measuring(restored: Restored) -> nn.Module:
     """The deployed architecture of a checkpoint's model, the one weight space all methods share: a training model
     of RefConv or another re-parameterization (ACB, RepVGG, DBB, WN, CWN, OWN) is fused in place
     (:func:`refconv_train.reparam.fuse_reparam`); fused and baseline models are returned as they are."""
-    from .reparam import fuse_reparam
+    from ..methods.reparam import fuse_reparam
 
     fuse_reparam(restored.model)
     return restored.model
