@@ -5,8 +5,8 @@ What a user copies: the backbone comes with trained weights (``weights_backbone=
 stand-in of examples/pretrain_backbone.py), RefConv goes on the backbone (the LR-ASPP head has no spatial convs: all
 1x1), a plain loop trains with per-pixel cross-entropy (torchvision's segmentation reference) under
 ``with transform.step():``, ``fuse_model`` turns it back into torchvision's LR-ASPP, which loads strictly into a
-freshly built one and predicts the same masks. ``--method`` trains one of the paper's comparison methods instead
-(refconv_train.reparam), through the same loop::
+freshly built one and predicts the same masks. ``--method`` trains any registered method instead (the paper's
+comparison methods, or your own), through the same loop and the same registry entry::
 
     python examples/fashion_canvases.py --src /usr/share/datasets/fashion-mnist      # data/fashion_canvases
     python examples/pretrain_backbone.py --src /usr/share/datasets/fashion-mnist     # data/torch_home
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -26,9 +27,7 @@ import torch.nn.functional as F
 from torchvision.models import MobileNet_V3_Large_Weights
 from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
-from refconv_train import fuse_model, refocus_model
-from refconv_train.methods.refconv import refocus_param_groups
-from refconv_train.methods.refconv.per_step import PerStepTransform
+from refconv_train import fuse_model, methods
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -61,26 +60,19 @@ def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> floa
     return float((confusion.diag()[present] / union[present]).mean())
 
 
-def reparameterize(model: torch.nn.Module, method: str, example: torch.Tensor
-                   ) -> tuple[int, PerStepTransform | None, list]:
-    """RefConv (or a comparison method) on the backbone; (layers, per-step context, optimizer groups)."""
-    if method == "refconv":
-        report = refocus_model(model.backbone, init="zeros")
-        transform = PerStepTransform(model)  # W_t once per optimizer step
-        return len(report.layers), transform, refocus_param_groups(model, step_norm="layer")
-    from refconv_train.methods.reparam import apply_reparam  # the paper's comparison methods: acb, repvgg, dbb, wn, ...
-
-    report = apply_reparam(model.backbone, method, example=example)  # example: finds conv -> BN pairs
-    return len(report.layers), None, [{"params": [p for p in model.parameters() if p.requires_grad]}]
+# An exact start where a method offers one (RefConv: W_r = 0), and RefConv's step normalisation: options a method
+# lacks are left out, so every method runs with its own defaults otherwise.
+PREFERRED_OPTIONS = {"init": "zeros", "step_norm": "layer"}
 
 
-def fuse(model: torch.nn.Module, method: str) -> None:
-    if method == "refconv":
-        fuse_model(model)
-    else:
-        from refconv_train.methods.reparam import fuse_reparam
-
-        fuse_reparam(model)
+def reparameterize(model: torch.nn.Module, method: str, example: torch.Tensor) -> tuple[int, object, list]:
+    """Any registered method on the backbone, through its registry entry; (layers, per-step hook, optimizer groups)."""
+    entry = methods.get(method)
+    fields = {f.name for f in dataclasses.fields(entry.options)}
+    options = entry.options(**{k: v for k, v in PREFERRED_OPTIONS.items() if k in fields})
+    report = entry.apply(model.backbone, options, example=example)  # example: finds conv -> BN pairs
+    transform = entry.per_step(model, options, False)  # RefConv: W_t once per optimizer step
+    return len(report.layers), transform, entry.param_groups(model, options)
 
 
 def run(train: dict, val: dict, steps: int = 150, batch: int = 8, lr: float = 0.02, method: str = "refconv",
@@ -118,7 +110,7 @@ def run(train: dict, val: dict, steps: int = 150, batch: int = 8, lr: float = 0.
     trained = predict(model, val["images"])
     result["miou_after"] = mean_iou(trained.argmax(1), val["masks"], num_classes)
 
-    fuse(model, method)  # in place: torchvision's LR-ASPP again
+    fuse_model(model)  # in place, whatever the model holds: torchvision's LR-ASPP again
     fresh = build_segmenter(num_classes)
     fresh.load_state_dict(model.state_dict(), strict=True)
     fused = predict(fresh, val["images"])
@@ -136,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--method", default="refconv", help="refconv, or a refconv_train.reparam method (acb, repvgg, ...)")
+    p.add_argument("--method", default="refconv", help="a registered method: refconv, acb, repvgg, dbb, wn, ...")
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args(argv)
     start = time.perf_counter()

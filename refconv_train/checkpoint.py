@@ -1,5 +1,6 @@
-"""Everything about checkpoint files: the training and fused formats (docs/design.md section 4), atomic writes,
-weights-only reads, the model weights inside any file we accept, and the training checkpoint's layout."""
+"""Checkpoint formats and I/O: the training and fused formats (docs/design.md section 4), atomic writes,
+weights-only reads, the raw state dict inside any file we accept, and the training checkpoint's layout. Rebuilding
+and fusing a training checkpoint's model lives above this module (models/build.py, run/restore.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import RefconvError
-from .methods.refconv import fuse_state_dict, is_refocus_state_dict
+from .methods.legacy import translate_legacy
 
 CHECKPOINT_FORMAT = "refconv-train/1"
 FUSED_FORMAT = "refconv-train/fused/1"
@@ -61,35 +62,35 @@ def atomic_save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model weights held by a file: our training/fused checkpoints, timm checkpoints, plain state dicts,
-    ``.safetensors``. Re-parameterized training weights (RefConv, ACB, ...) are fused into the original
-    architecture's keys."""
+def read_weights_file(path: str | os.PathLike) -> Any:
+    """What a weights file holds: a ``.safetensors`` state dict, or the weights-only-loaded object of any other
+    file (a training checkpoint is returned whole: rebuilding its model is the caller's job)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise RefconvError(f"pretrained weights file '{path}' not found")
-        from safetensors.torch import load_file
+    if path.suffix != ".safetensors":
+        return safe_torch_load(path)
+    if not path.is_file():
+        raise RefconvError(f"pretrained weights file '{path}' not found")
+    from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        obj = safe_torch_load(path)
-        if _reparam_method(obj) not in ("none", "refconv"):
-            from .run.restore import fused_training_weights  # restore builds models: it imports this module
-
-            return fused_training_weights(obj, path)
-        state = _extract_state_dict(obj, path)
-    state = {_strip_prefixes(k): v for k, v in state.items()}
-    return fuse_state_dict(state) if is_refocus_state_dict(state) else state
+    return load_file(str(path))
 
 
-def _reparam_method(obj: Any) -> str:
-    """A training checkpoint's re-parameterization as its stored config says (``none`` for anything else)."""
-    if not (isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT):
-        return "none"
-    if is_refocus_state_dict(obj.get("model", {})):
-        return "refconv"
-    return str((obj.get("config") or {}).get("reparam", {}).get("method", "none"))
+def is_training_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+
+
+def checkpoint_method(obj: Any) -> str:
+    """The method a training checkpoint was trained with: recorded by name (``method``), or, in a checkpoint
+    written before that, as its stored config says (``refocus.enabled`` / ``reparam.method``)."""
+    if isinstance(obj.get("method"), str):
+        return obj["method"]
+    return str(translate_legacy(obj.get("config") or {}).get("method", "refconv"))
+
+
+def state_dict_of(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded file (training checkpoint: its ``model``; timm / torchvision references /
+    EMA layouts), with DDP and torch.compile prefixes stripped."""
+    return {_strip_prefixes(k): v for k, v in _extract_state_dict(obj, Path(path)).items()}
 
 
 def safe_torch_load(path: str | os.PathLike) -> Any:
@@ -152,7 +153,7 @@ def training_checkpoint(model: nn.Module, optimizer, scheduler, scaler, progress
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": progress.epoch,
             "step_in_epoch": progress.step_in_epoch, "global_step": progress.global_step,
             "best_top1": progress.best_top1, "history": progress.history, "world_size": len(rng), "rng": rng,
-            "refocus": is_refocus_state_dict(state), "config": config}
+            "method": config["method"], "config": config}
 
 
 def resume_path(resume: bool | str, output: Path) -> Path | None:
@@ -227,14 +228,13 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def describe(obj: Any) -> str:
-    """What a loaded checkpoint is, in words, for error messages."""
+    """What a loaded checkpoint is, in words, for error messages (a training checkpoint names its method)."""
     if not isinstance(obj, dict):
         return f"a {type(obj).__name__}"
     if obj.get("format") == FUSED_FORMAT:
         return "a fused checkpoint (already the original architecture)"
     if obj.get("format") == CHECKPOINT_FORMAT:
-        kind = {"refconv": "RefConv", "none": "baseline"}.get(_reparam_method(obj), _reparam_method(obj).upper())
-        return f"a {kind} training checkpoint"
+        return f"a training checkpoint of method {checkpoint_method(obj)}"
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return f"a plain state dict of {len(obj)} tensors"
     keys = ", ".join(list(map(str, obj))[:5])

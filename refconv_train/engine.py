@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,13 @@ from tqdm import tqdm
 from .data import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from .distributed import all_reduce_sum
 from .errors import RefconvError
-from .methods.refconv.per_step import PerStepTransform
+
+
+class StepHook(Protocol):
+    """A method's per-step hook (``Method.per_step``): ``step()`` wraps one optimizer step (RefConv's
+    PerStepTransform computes W_t once there)."""
+
+    def step(self) -> AbstractContextManager: ...
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,12 +62,28 @@ class StepResult:
     stepped: bool = True  # False: a non-finite step was skipped, the weights are untouched
 
 
+@dataclass
+class EpochStats:
+    """One training epoch as the trainer's loop measured it."""
+
+    loss: float
+    images: int  # over all ranks
+    seconds: float
+    lr: float
+    stopped: bool  # a stop was requested mid-epoch (preemption)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
 def train_step(model: nn.Module, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, settings: StepSettings,
-               transform: PerStepTransform | None = None, skip_nonfinite: bool = False) -> StepResult:
+               transform: StepHook | None = None, skip_nonfinite: bool = False) -> StepResult:
     """One optimizer step over ``micro_batches`` (gradient accumulation; under DDP gradients are synchronised on the
-    last one only), then clipping, the (scaled) optimizer step and ``zero_grad``. ``transform``: a refocused
-    model's :class:`PerStepTransform` (``W_t`` once per step). ``skip_nonfinite``: read the loss now (a sync) and
+    last one only), then clipping, the (scaled) optimizer step and ``zero_grad``. ``transform``: the method's
+    per-step hook (RefConv's :class:`PerStepTransform`: ``W_t`` once per step). ``skip_nonfinite``: read the loss
+    now (a sync) and
     skip the update when it is not finite. The loss is otherwise not read: no host sync per step."""
     losses = []
     images = 0

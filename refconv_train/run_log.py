@@ -45,13 +45,12 @@ class RunLog:
 
 def write_method_report(out: Path, model: nn.Module, report, method: str) -> dict:
     """``reparam_report.json`` (the method, its parameters during training, how far the start moved) and the
-    method's table: ``refocus_report.txt`` for RefConv, ``reparam_report.txt`` for the others."""
+    method's table in the report's ``table_file`` (``refocus_report.txt`` for RefConv, ``reparam_report.txt``)."""
     info = {"method": method, "train_params": sum(p.numel() for p in model.parameters()),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if report is not None:
         log.info(report.summary())
-        name = "refocus_report.txt" if method == "refconv" else "reparam_report.txt"
-        (out / name).write_text(report.table() + "\n")
+        (out / report.table_file).write_text(report.table() + "\n")
         info.update(added_params=report.added_params, changed=len(report.layers), skipped=len(report.skipped),
                     start_max_abs_diff=report.start_max_abs_diff)
     write_json(out / "reparam_report.json", info)

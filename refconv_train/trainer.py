@@ -1,4 +1,5 @@
-"""The training run behind ``refconv-train``: baseline or refocus, one recipe, one CPU or many GPUs (torchrun)."""
+"""The training run behind ``refconv-train``: any registered method (the config's ``method``), one recipe, one CPU
+or many GPUs (torchrun)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import data as data_lib
+from . import methods
 from .checkpoint import (
     Progress,
     atomic_save,
@@ -27,12 +29,12 @@ from .checkpoint import (
 )
 from .config import Config, config_to_dict, save_config
 from .distributed import DistInfo, all_gather, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
-from .engine import EvalResult, LossMeter, StepSettings, evaluate, train_step
+from .engine import EpochStats, EvalResult, LossMeter, StepSettings, evaluate, train_step
 from .errors import RefconvError
 from .faults import Fault
-from .methods.refconv.per_step import PerStepTransform
+from .models import build_training_model
 from .preemption import StopOnSignal
-from .run.factories import build_scheduler, build_sgd, build_training_model, method_of, param_groups, use_sync_bn
+from .run.factories import build_scheduler, build_sgd, param_groups, use_sync_bn
 from .run.fusing import fuse_and_verify, fused_outputs, write_fused
 from .run_log import RunLog, write_json, write_method_report
 
@@ -48,19 +50,6 @@ class RunResult:
     fused_max_abs_diff: float | None = None
     history: list[dict] = field(default_factory=list)
     stopped: bool = False  # by a signal (preemption): last.pth holds the step reached
-
-
-@dataclass
-class EpochStats:
-    loss: float
-    images: int  # over all ranks
-    seconds: float
-    lr: float
-    stopped: bool  # a stop was requested mid-epoch (preemption)
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
 class Trainer:
@@ -108,7 +97,8 @@ class Trainer:
         cfg, dev, t = self.cfg, self.dist.device, self.cfg.train
         # When resuming, the checkpoint holds every weight: do not fetch pretrained ones (maybe not reachable).
         model, report = build_training_model(cfg, pretrained=False if resuming else None)
-        self.report = write_method_report(self.out, model, report, method_of(cfg)) if self.dist.is_main else None
+        self.method = methods.get(cfg.method)
+        self.report = write_method_report(self.out, model, report, cfg.method) if self.dist.is_main else None
         if use_sync_bn(t.sync_bn, self.dist.distributed, dev):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(dev)
@@ -119,12 +109,8 @@ class Trainer:
         self.optimizer = build_sgd(param_groups(model, cfg), self.lr, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=t.amp == "fp16")
-        self.transform = None
-        if cfg.refocus.enabled and cfg.refocus.per_step_transform:
-            self.transform = PerStepTransform(model, distributed=self.dist.distributed)
-            if self.dist.distributed:  # W_r's gradients come from the transform, already averaged over ranks
-                PerStepTransform.exclude_from_ddp(model)
-                self.transform.broadcast()
+        # The method's per-step hook (RefConv: W_t once per optimizer step), set up before DDP wraps the model.
+        self.transform = self.method.per_step(model, cfg.method_options, self.dist.distributed)
         wrapped: nn.Module = model
         if self.dist.distributed:
             wrapped = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -183,8 +169,8 @@ class Trainer:
         return result
 
     def _evaluate_moved_start(self) -> None:
-        """CWN and OWN cannot represent the pretrained kernels and start from their projection: say what that costs
-        before the first step (the report holds the output difference, this the accuracy)."""
+        """A start that moved (RefConv's xavier / kaiming W_r, CWN's and OWN's projections): say what it costs before
+        the first step (the report holds the output difference, this the accuracy)."""
         moved = broadcast_flag(bool(self.report and (self.report.get("start_max_abs_diff") or 0) > 0),
                                self.dist.device)
         if not moved:
@@ -192,7 +178,7 @@ class Trainer:
         start = evaluate(self.model, self.val_loader, self.settings, show_progress=self.dist.is_main)
         if self.dist.is_main:
             log.info("%s moved the start (max |output change| %.3g): before training top1 %.2f, loss %.4f",
-                     self.cfg.reparam.method, self.report["start_max_abs_diff"], start.top1, start.loss)
+                     self.cfg.method, self.report["start_max_abs_diff"], start.top1, start.loss)
             self.report.update(start_top1=start.top1, start_loss=start.loss)
             write_json(self.out / "reparam_report.json", self.report)
 
@@ -290,9 +276,9 @@ class Trainer:
     def _finish(self, last_eval: EvalResult | None) -> RunResult:
         cfg, p = self.cfg, self.progress
         diff = None
-        if method_of(cfg) != "none" and self.dist.is_main:
+        if self.method.convs(self.model) and self.dist.is_main:
             fused = fuse_and_verify(self.model, cfg.model.name, cfg.model.num_classes, cfg.data.img_size,
-                                    atol=cfg.train.verify_fuse_atol)
+                                    atol=cfg.train.verify_fuse_atol, model_kwargs=cfg.model.kwargs)
             write_fused(fused, fused_outputs(self.out / "fused.pth"), cfg.model.name, cfg.model.num_classes,
                         config_to_dict(cfg), cfg.data.img_size)
             diff = fused.max_abs_diff

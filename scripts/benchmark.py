@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -33,15 +34,15 @@ from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
-from refconv_train import Refocus, build_model, fuse_model, refocus_model  # noqa: E402
+from refconv_train import Refocus, build_model, fuse_model, methods  # noqa: E402
 from refconv_train.config import OptimConfig  # noqa: E402
 from refconv_train.engine import StepSettings, train_step  # noqa: E402
 from refconv_train.methods.protocol import example_input  # noqa: E402
 from refconv_train.methods.refconv.per_step import PerStepTransform, ddp_gradient_values  # noqa: E402
-from refconv_train.methods.reparam import METHODS, apply_reparam  # noqa: E402
 from refconv_train.run.factories import build_sgd  # noqa: E402
 
 TRAIN_SETUPS = ("baseline", "refocus", "refocus_per_step")
+SETUP_METHOD = {"baseline": "none", "refocus": "refconv", "refocus_per_step": "refconv"}  # else: a method's name
 EVAL_SETUPS = ("baseline", "refocus", "fused")
 MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 MEMORY_TAG = "peak_memory_bytes="
@@ -72,10 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--threads 1)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--json", metavar="OUT", help="also write the numbers as JSON")
-    p.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
-                   help=f"compare these reparam methods' training steps with the baseline's and RefConv's instead "
-                        f"({', '.join(METHODS)})")
-    p.add_argument("--memory-child", choices=TRAIN_SETUPS + METHODS, help=argparse.SUPPRESS)  # one memory probe
+    p.add_argument("--methods", nargs="+", choices=methods.names(), metavar="METHOD",
+                   help=f"compare these registered methods' training steps with the baseline's and RefConv's "
+                        f"instead ({', '.join(methods.names())})")
+    p.add_argument("--memory-child", choices=TRAIN_SETUPS + tuple(methods.names()), help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     args.argv = argv
@@ -92,17 +93,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------------------------- building blocks
 def build(args: argparse.Namespace, setup: str) -> tuple[nn.Module, int]:
-    """The ``baseline``, refocused or ``reparam`` method's model (same seed: identical base weights); returns it and
-    the trainable values the re-parameterization adds (W_r; branches; scales)."""
+    """The model of a setup (``baseline``, ``refocus``, ``refocus_per_step``) or of a registered method, through its
+    registry entry (same seed: identical base weights); returns it and the trainable values the method adds (W_r;
+    branches; scales)."""
     torch.manual_seed(0)
     model = build_model(args.model, num_classes=1000)
-    added = 0
-    if setup in METHODS:
-        added = apply_reparam(model, setup, example=example_input(model, args.img_size)).added_params
-    elif setup != "baseline":
-        # cost does not depend on the weights: a fresh init is fine here (no untrained-kernel warning)
-        added = refocus_model(model, map_k=args.map_k, init="xavier", check_base=False).refocus_params
-    return to_device(model, args), added
+    entry = methods.get(SETUP_METHOD.get(setup, setup))
+    fields = {f.name for f in dataclasses.fields(entry.options)}
+    options = entry.options(**({"map_k": args.map_k} if "map_k" in fields else {}))
+    # cost does not depend on the weights: fresh=False skips the checks of the start (no untrained-kernel warning)
+    report = entry.apply(model, options, example=example_input(model, args.img_size), fresh=False)
+    return to_device(model, args), report.added_params if report is not None else 0
 
 
 def to_device(model: nn.Module, args: argparse.Namespace) -> nn.Module:
@@ -367,7 +368,7 @@ def format_methods(r: dict) -> str:
              f"{'memory / baseline':>18s} {'train params':>13s} {'added':>12s}"]
     for name, m in r["methods"].items():
         mem = m.get("peak_memory_bytes")
-        name = "refconv" if name == "refocus_per_step" else name
+        name = {"refocus_per_step": "refconv"}.get(name, name)  # the setup refconv-train runs
         ratio = m.get("memory_ratio")
         lines.append(f"{name:10s} {m['train_img_s']:12.1f} {m['train_ratio']:21.3f} "
                      f"{'n/a' if mem is None else f'{mem / 2**20:.1f} MiB':>12s} "

@@ -30,7 +30,7 @@ rm -rf "$OUT"
 start=$(date +%s)
 
 step "baseline: the plain model from scratch -> $OUT/baseline"
-refconv-train --config "$CONFIG" refocus.enabled=false train.output="$OUT/baseline" train.resume=false
+refconv-train --config "$CONFIG" method=none train.output="$OUT/baseline" train.resume=false
 
 step "refocus: RefConv from the baseline's best.pth -> $OUT/refocus"
 refconv-train --config "$CONFIG" model.pretrained="$OUT/baseline/best.pth" train.output="$OUT/refocus" \
@@ -38,7 +38,7 @@ refconv-train --config "$CONFIG" model.pretrained="$OUT/baseline/best.pth" train
 
 step "control: the plain baseline re-trained with the refocus stage's recipe -> $OUT/retrain"
 # Without it, a gain of the refocus stage could just be its extra epochs (the paper's own control).
-refconv-train --config "$CONFIG" refocus.enabled=false model.pretrained="$OUT/baseline/best.pth" \
+refconv-train --config "$CONFIG" method=none model.pretrained="$OUT/baseline/best.pth" \
   train.output="$OUT/retrain" train.resume=false optim.epochs="$REFOCUS_EPOCHS"
 
 step "fuse: $OUT/refocus/best.pth -> $OUT/refocus/best_fused.pth"

@@ -34,7 +34,7 @@ done
 
 # 2. the trainer's CUDA paths on the demo data (short runs)
 common=(--config configs/demo.yaml data.root=/tmp/demo train.device=cuda data.workers=4 optim.epochs=1
-        optim.warmup_epochs=1 model.pretrained=false refocus.base_init=random)
+        optim.warmup_epochs=1 model.pretrained=false refconv.base_init=random)
 step train_bf16_cl 120 $PY -m refconv_train.cli.train "${common[@]}" train.amp=bf16 train.channels_last=true \
   train.output=/tmp/r_bf16
 step train_fp16 120 $PY -m refconv_train.cli.train "${common[@]}" train.amp=fp16 train.output=/tmp/r_fp16

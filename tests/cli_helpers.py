@@ -31,9 +31,9 @@ def assert_one_line_error(rc: int, err: str, pattern: str = "") -> str:
 def train_args(data: Path, output: Path, num_classes: int, *extra: str) -> list[str]:
     """Overrides for a seconds-long CPU run of refconv-train (mobilenetv2_050 at 32 px, from scratch); ``extra``
     overrides come last and win. A RefConv run from scratch is the paper's random-base ablation
-    (``refocus.base_init=random``: without it the config refuses to refocus untrained kernels) unless ``extra``
+    (``refconv.base_init=random``: without it the config refuses to refocus untrained kernels) unless ``extra``
     sets ``model.pretrained``."""
-    base = [] if any(e.startswith("model.pretrained=") for e in extra) else ["refocus.base_init=random"]
+    base = [] if any(e.startswith("model.pretrained=") for e in extra) else ["refconv.base_init=random"]
     return ["model.name=mobilenetv2_050", f"model.num_classes={num_classes}", "model.pretrained=false", *base,
             f"data.root={data}", "data.img_size=32", "data.batch_size=8", "data.workers=0", "train.device=cpu",
             f"train.output={output}", *extra]

@@ -61,7 +61,7 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
     # Enough steps for the norm statistics to settle: an eval-mode net with fresh ones amplifies fp32 rounding ~1e3x,
     # and then no export can match PyTorch to 1e-4. The refocus run starts from the baseline, as in the demo.
     with one_thread():
-        assert train.main(tiny_train_args(data, runs.baseline, "refocus.enabled=false")) == 0
+        assert train.main(tiny_train_args(data, runs.baseline, "method=none")) == 0
         assert train.main(tiny_train_args(data, runs.refocus, f"model.pretrained={runs.baseline / 'best.pth'}",
                                           "optim.epochs=1")) == 0  # W_r is big: its checkpoints are ~80 MB
     return runs

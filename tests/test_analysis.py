@@ -36,7 +36,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     args = ["model.name=mobilenetv2_050", f"model.num_classes={CLASSES}", "model.pretrained=false",
             f"data.root={data}", "data.img_size=32", "data.batch_size=8", "data.workers=0", "optim.epochs=1",
             "optim.warmup_epochs=0", "train.device=cpu", "train.max_steps_per_epoch=1", "train.resume=false",
-            "refocus.init=kaiming", "refocus.base_init=random", f"train.output={root / 'run'}"]
+            "refconv.init=kaiming", "refconv.base_init=random", f"train.output={root / 'run'}"]
     assert train.main(args) == 0
     return root / "run" / "last.pth"
 

@@ -36,10 +36,10 @@ def test_no_file_uses_defaults_and_model_name_for_output():
 
 
 def test_yaml_file_sets_only_some_keys(tmp_path):
-    path = _write(tmp_path, "optim:\n  lr: 1e-3\n  epochs: 2\nrefocus:\n  init: zeros\ndata:\n", "mobilenetv2.yaml")
+    path = _write(tmp_path, "optim:\n  lr: 1e-3\n  epochs: 2\nrefconv:\n  init: zeros\ndata:\n", "mobilenetv2.yaml")
     cfg = load_config(path)
     assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
-    assert cfg.optim.epochs == 2 and cfg.refocus.init == "zeros"
+    assert cfg.optim.epochs == 2 and cfg.options["refconv"].init == "zeros"
     assert cfg.optim.momentum == 0.9 and cfg.model.name == "mobilenetv2_100" and cfg.data.batch_size == 256
     assert cfg.train.output == "runs/mobilenetv2"  # <name> = file stem
     assert load_config(str(_write(tmp_path, "", "empty.yaml"))).train.output == "runs/empty"
@@ -48,22 +48,22 @@ def test_yaml_file_sets_only_some_keys(tmp_path):
 def test_overrides_of_each_type(tmp_path):
     path = _write(tmp_path, "model:\n  pretrained: true\n")
     cfg = load_config(path, [
-        "optim.lr=0.05", "optim.weight_decay=0", "optim.epochs=2", "refocus.enabled=false",
-        "refocus.exclude=[conv_stem, 'blocks\\.0\\..*']", "data.root=/data/in1k", "model.pretrained=runs/x/best.pth",
+        "optim.lr=0.05", "optim.weight_decay=0", "optim.epochs=2", "method=none",
+        "refconv.exclude=[conv_stem, 'blocks\\.0\\..*']", "data.root=/data/in1k", "model.pretrained=runs/x/best.pth",
         "data.mean=[0, 0.5, 1]", "model.kwargs={drop_rate: 0.2}", "model.kwargs.drop_path_rate=0.1",
         "train.output=/scratch/<name>-2", "model.name=123", "train.resume=false",
     ])
     assert cfg.optim.lr == 0.05
     assert cfg.optim.weight_decay == 0.0 and isinstance(cfg.optim.weight_decay, float)  # int -> float
-    assert cfg.optim.epochs == 2 and cfg.refocus.enabled is False
-    assert cfg.refocus.exclude == ["conv_stem", "blocks\\.0\\..*"]
+    assert cfg.optim.epochs == 2 and cfg.method == "none"
+    assert cfg.options["refconv"].exclude == ["conv_stem", "blocks\\.0\\..*"]
     assert cfg.data.root == "/data/in1k" and cfg.model.pretrained == "runs/x/best.pth"
     assert cfg.data.mean == [0.0, 0.5, 1.0] and all(isinstance(v, float) for v in cfg.data.mean)
     assert cfg.model.kwargs == {"drop_rate": 0.2, "drop_path_rate": 0.1}
     assert cfg.train.output == "/scratch/exp-2"
     assert cfg.model.name == "123"  # string keys keep the text as typed
     assert cfg.train.resume is False
-    assert load_config(path, ["model.pretrained=false", "refocus.enabled=false"]).model.pretrained is False
+    assert load_config(path, ["model.pretrained=false", "method=none"]).model.pretrained is False
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == pytest.approx(1e-3)  # YAML 1.2 style exponent
 
 
@@ -71,22 +71,22 @@ def test_overrides_of_each_type(tmp_path):
     ("optim.lrr=0.1", "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
     ("optm.lr=0.1", "unknown config key 'optm.lr' (did you mean 'optim.lr'?)"),
     ("lr=0.1", "unknown config key 'lr' (did you mean 'optim.lr'?)"),
-    ("refocus.mapk=5", "unknown config key 'refocus.mapk' (did you mean 'refocus.map_k'?)"),
+    ("refconv.mapk=5", "unknown config key 'refconv.mapk' (did you mean 'refconv.map_k'?)"),
     ("optim.lr=abc", "config key 'optim.lr' expects a float, got 'abc' (str)"),
     ("data.batch_size=64.5", "config key 'data.batch_size' expects an int, got 64.5 (float)"),
     ("data.batch_size='64'", "config key 'data.batch_size' expects an int, got '64' (str)"),
     ("data.workers=true", "config key 'data.workers' expects an int, got True (bool)"),
     ("optim.lr=null", "config key 'optim.lr' expects a float, got None (NoneType)"),
-    ("refocus.exclude=conv_stem", "config key 'refocus.exclude' expects a list of strings"),
+    ("refconv.exclude=conv_stem", "config key 'refconv.exclude' expects a list of strings"),
     ("model.pretrained=3", "config key 'model.pretrained' expects true, false or a string, got 3 (int)"),
-    ("refocus.init=he", "config key 'refocus.init' must be one of xavier, zeros, kaiming; got 'he'"),
+    ("refconv.init=he", "config key 'refconv.init' must be one of xavier, zeros, kaiming; got 'he'"),
     ("train.amp=fp32", "config key 'train.amp' must be one of none, bf16, fp16; got 'fp32'"),
     ("train.device=tpu", "must be one of auto, cpu, cuda"),
     ("data.on_bad_image=ignore", "must be one of error, skip"),
-    ("refocus.base=free", "must be one of frozen, trainable"),
-    ("refocus.base_init=zero", "must be one of pretrained, random"),
-    ("refocus.map_k=4", "config key 'refocus.map_k' must be an odd positive integer, got 4"),
-    ("refocus.map_k=-1", "config key 'refocus.map_k' must be an odd positive integer"),
+    ("refconv.base=free", "must be one of frozen, trainable"),
+    ("refconv.base_init=zero", "must be one of pretrained, random"),
+    ("refconv.map_k=4", "config key 'refconv.map_k' must be an odd positive integer, got 4"),
+    ("refconv.map_k=-1", "config key 'refconv.map_k' must be an odd positive integer"),
     ("data.batch_size=0", "config key 'data.batch_size' must be > 0, got 0"),
     ("optim.lr=0", "config key 'optim.lr' must be > 0"),
     ("optim.epochs=-1", "config key 'optim.epochs' must be >= 0"),
@@ -113,7 +113,7 @@ def test_file_errors(tmp_path):
     )
     assert "config section 'model'" in _error(_write(tmp_path, "model: resnet50\n"))
     assert "(did you mean 'optim.lr'?)" in _error(_write(tmp_path, "lr: 0.1\n"))
-    assert "must be an odd positive integer" in _error(_write(tmp_path, "refocus:\n  map_k: 2\n"))
+    assert "must be an odd positive integer" in _error(_write(tmp_path, "refconv:\n  map_k: 2\n"))
 
 
 def test_overrides_apply_after_file(tmp_path):
@@ -124,7 +124,7 @@ def test_overrides_apply_after_file(tmp_path):
 
 def test_save_load_round_trip(tmp_path):
     cfg = load_config(None, [
-        "model.pretrained=runs/x/best.pth", "refocus.exclude=[conv_stem]", "optim.weight_decay=1e-5",
+        "model.pretrained=runs/x/best.pth", "refconv.exclude=[conv_stem]", "optim.weight_decay=1e-5",
         "model.name=1e5", "data.root=2024-01-01", "model.kwargs={drop_rate: 0.1}", "train.amp=bf16",
     ])
     path = tmp_path / "out" / "config.yaml"
@@ -136,7 +136,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_dict_round_trip_is_plain_data():
-    cfg = load_config(None, ["refocus.exclude=[a, b]", "model.kwargs={x: [1, 2]}"])
+    cfg = load_config(None, ["refconv.exclude=[a, b]", "model.kwargs={x: [1, 2]}"])
     d = config_to_dict(cfg)
 
     def plain(v):
@@ -147,15 +147,15 @@ def test_dict_round_trip_is_plain_data():
         return v is None or isinstance(v, (str, int, float, bool))
 
     assert plain(d) and config_from_dict(d) == cfg
-    d["refocus"]["exclude"].append("c")  # a copy: mutating it leaves cfg alone
-    assert cfg.refocus.exclude == ["a", "b"]
+    d["refconv"]["exclude"].append("c")  # a copy: mutating it leaves cfg alone
+    assert cfg.options["refconv"].exclude == ["a", "b"]
     assert yaml.safe_load(yaml.safe_dump(d)) == d
 
 
 def test_config_from_dict_missing_keys_use_defaults():
     cfg = config_from_dict({"model": {"name": "resnet18"}, "optim": {"lr": 1}})
     assert cfg.model.name == "resnet18" and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
-    assert cfg.refocus == Config().refocus and cfg.data.img_size == 224
+    assert cfg.method_options == Config().method_options and cfg.data.img_size == 224
     assert cfg.train.output == "runs/resnet18"
     assert config_from_dict({}) == load_config(None)
     with pytest.raises(RefconvError, match="unknown config key 'model.nam'"):

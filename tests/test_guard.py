@@ -20,7 +20,7 @@ from refconv_train import RefconvError, refocus_model
 from refconv_train.cli.train import main as train_main
 from refconv_train.config import config_from_dict, load_config
 from refconv_train.methods.refconv.base_check import MIN_VALUES, looks_like_init
-from refconv_train.run.factories import build_training_model
+from refconv_train.models import build_training_model
 
 LITE0 = Path(os.environ.get("REFCONV_LITE0", "data/tf_efficientnet_lite0_imagenet.pth"))  # scripts/convert_...
 
@@ -62,16 +62,17 @@ def test_cli_refuses_refocus_without_pretrained_weights_in_one_line(tmp_path):
             f"train.output={tmp_path / 'out'}"]
     rc, _, err = call(train_main, argv)
     line = assert_one_line_error(rc, err, r"model\.pretrained=false")
-    assert "model.pretrained=<checkpoint or true>" in line and "refocus.base_init=random" in line
+    assert "model.pretrained=<checkpoint or true>" in line and "refconv.base_init=random" in line
     assert not (tmp_path / "out").exists()
 
 
 def test_config_accepts_the_explicit_ablation_baselines_and_stored_configs():
-    with pytest.raises(RefconvError, match="refocus.base_init=random"):
+    with pytest.raises(RefconvError, match="refconv.base_init=random"):
         load_config(None, ["model.pretrained=false"])
-    assert load_config(None, ["model.pretrained=false", "refocus.base_init=random"]).refocus.base_init == "random"
-    assert load_config(None, ["model.pretrained=false", "refocus.enabled=false"]).refocus.enabled is False
-    assert load_config(None, ["model.pretrained=runs/base/best.pth"]).refocus.enabled
+    ablation = load_config(None, ["model.pretrained=false", "refconv.base_init=random"])
+    assert ablation.options["refconv"].base_init == "random"
+    assert load_config(None, ["model.pretrained=false", "method=none"]).method == "none"
+    assert load_config(None, ["model.pretrained=runs/base/best.pth"]).method == "refconv"
     # A checkpoint's stored config is not a run to start: its weights are in the file.
     assert config_from_dict({"model": {"pretrained": False}}).model.pretrained is False
 
@@ -83,10 +84,10 @@ def test_shipped_configs_that_refocus_a_random_base_say_so():
         try:
             cfg = load_config(path)
         except RefconvError as e:  # a config of another kind (the study's plan files) fails otherwise
-            assert "refocus.base_init=random" not in str(e), path  # one that refocuses an untrained model
+            assert "refconv.base_init=random" not in str(e), path  # one that refocuses an untrained model
             continue
-        if cfg.refocus.enabled and cfg.model.pretrained is False:
-            assert cfg.refocus.base_init == "random", path
+        if (cfg.method == "refconv") and cfg.model.pretrained is False:
+            assert cfg.options["refconv"].base_init == "random", path
 
 
 # ----------------------------------------------------------------------------------------------- untrained kernels

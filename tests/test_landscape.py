@@ -51,8 +51,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     data = make_demo_data(root / "data", num_classes=CLASSES, train_per_class=4, val_per_class=1, size=32)
     args = [f"model.name={ARCH}", f"model.num_classes={CLASSES}", "model.pretrained=false", f"data.root={data}",
             "data.img_size=32", "data.batch_size=8", "data.workers=0", "optim.epochs=1", "optim.warmup_epochs=0",
-            "train.device=cpu", "train.max_steps_per_epoch=1", "train.resume=false", "refocus.init=kaiming",
-            "refocus.base_init=random",
+            "train.device=cpu", "train.max_steps_per_epoch=1", "train.resume=false", "refconv.init=kaiming",
+            "refconv.base_init=random",
             f"train.output={root / 'run'}"]
     assert train.main(args) == 0
     return Tiny(data, root / "run" / "last.pth", root / "run" / "fused.pth")  # the run fuses at its end

@@ -29,7 +29,7 @@ def run_args(data_root: Path, out: Path, *extra: str) -> list[str]:
     # 32 images / batch 8 = 4 steps per epoch, 2 epochs = 8 optimizer steps. RefConv with step normalisation: a
     # resume must also restore every W_r group's lr_scale (a W_r step at the plain lr would move its kernel ~100x).
     return train_args(data_root, out, 4, "data.workers=2", "optim.epochs=1", "optim.warmup_epochs=1",
-                      "refocus.step_norm=layer", "train.deterministic=true", "train.checkpoint_every_steps=2",
+                      "refconv.step_norm=layer", "train.deterministic=true", "train.checkpoint_every_steps=2",
                       *extra)
 
 

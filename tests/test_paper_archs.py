@@ -13,7 +13,7 @@ from torch import nn
 from refconv_train import RefconvError, build_model, fuse_reparam, randomize_bn_stats
 from refconv_train.config import load_config
 from refconv_train.methods.refconv import refocus_parameters, refocused_convs
-from refconv_train.run.factories import build_training_model, method_of
+from refconv_train.models import build_training_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -97,7 +97,7 @@ def test_every_paper_architecture_has_a_refocus_and_a_baseline_config():
     for stem, name in ARCHS.items():
         refocus, baseline = (load_config(CONFIGS / f"{stem}{s}.yaml") for s in ("", "_baseline"))
         assert refocus.model.name == baseline.model.name == name
-        assert refocus.refocus.enabled and not baseline.refocus.enabled and baseline.model.pretrained is False
+        assert refocus.method == "refconv" and baseline.method == "none" and baseline.model.pretrained is False
         expected = f"runs/{stem}_baseline/best.pth" if stem in CUSTOM else True
         assert refocus.model.pretrained == expected, stem
 
@@ -114,7 +114,7 @@ def test_every_shipped_config_loads_and_names_a_model_the_library_builds(path):
 
 
 def _train_fuse_reload(path: Path, overrides: tuple[str, ...] = (), size: int = 64) -> None:
-    """Build (+ refocus or reparam.method) per the config, one SGD step, fuse, strict reload into the plain model,
+    """Build (+ the config's method) per the config, one SGD step, fuse, strict reload into the plain model,
     same outputs.
 
     64 px: the last stages keep 2x2 maps, so every tap of a 3x3 kernel reaches the output (at 32 px they would not,
@@ -122,7 +122,7 @@ def _train_fuse_reload(path: Path, overrides: tuple[str, ...] = (), size: int = 
     torch.manual_seed(0)
     cfg = load_config(path, ["model.num_classes=10", f"data.img_size={size}", *overrides])
     model, report = build_training_model(cfg, pretrained=False)
-    assert (report is not None) == (method_of(cfg) != "none")
+    assert (report is not None) == (cfg.method != "none")
     bases = {n: c.parametrizations.weight.original.detach().clone() for n, c in refocused_convs(model).items()}
     w_r = [p.detach().clone() for p in refocus_parameters(model)]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -135,9 +135,9 @@ def _train_fuse_reload(path: Path, overrides: tuple[str, ...] = (), size: int = 
     opt.step()
     assert torch.isfinite(loss)
 
-    if cfg.refocus.enabled:
+    if (cfg.method == "refconv"):
         assert report.layers and all(not torch.equal(a, b) for a, b in zip(w_r, refocus_parameters(model)))
-        trainable = cfg.refocus.base == "trainable"
+        trainable = cfg.options["refconv"].base == "trainable"
         for n, conv in refocused_convs(model).items():
             assert torch.equal(conv.parametrizations.weight.original, bases[n]) != trainable, n
     randomize_bn_stats(model, seed=1)
@@ -184,4 +184,4 @@ METHOD_PAIRS = [(stem, method) for i, stem in enumerate(ARCHS)
 
 @pytest.mark.parametrize("stem, method", METHOD_PAIRS)
 def test_comparison_method_trains_a_step_fuses_and_reloads_into_the_plain_model(stem, method):
-    _train_fuse_reload(CONFIGS / f"{stem}_baseline.yaml", overrides=(f"reparam.method={method}",))
+    _train_fuse_reload(CONFIGS / f"{stem}_baseline.yaml", overrides=(f"method={method}",))

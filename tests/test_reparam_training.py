@@ -26,7 +26,7 @@ from refconv_train.run.restore import restore_any
 def method_args(tiny_runs, out: Path, method: str, *extra: str) -> list[str]:
     """One epoch of ``method`` from the session's trained baseline (a pretrained start, as the paper's stage 2)."""
     return tiny_train_args(tiny_runs.data, out, f"model.pretrained={tiny_runs.baseline / 'best.pth'}",
-                           "refocus.enabled=false", f"reparam.method={method}", "optim.epochs=1", *extra)
+                           f"method={method}", "optim.epochs=1", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +90,11 @@ def test_cwn_run_reports_how_far_its_projected_start_moved(tiny_runs, tmp_path, 
 
 
 @pytest.mark.parametrize("overrides, pattern", [
-    (["reparam.method=acb"], r"reparam.method=acb and refocus.enabled=true .* set refocus.enabled=false"),
-    (["refocus.enabled=false", "reparam.method=wn", "reparam.branch_scale=1"],
-     r"'reparam.branch_scale' applies to reparam.method acb / repvgg / dbb only, not wn"),
-    (["refocus.enabled=false", "reparam.method=bn"], r"'reparam.method' must be one of none, acb, repvgg"),
-    (["refocus.enabled=false", "reparam.method=acb", "reparam.branch_scale=-1"], r"'reparam.branch_scale' must be"),
+    (["reparam.method=acb"], r"'reparam.method' is gone: use the top-level key 'method' \(e.g. method: dbb"),
+    (["refocus.enabled=false"], r"'refocus.enabled' is gone: choose the method with the top-level key 'method'"),
+    (["method=wn", "wn.branch_scale=1"], r"unknown config key 'wn.branch_scale' \(method wn's options: exclude\)"),
+    (["method=bn"], r"unknown method 'bn': use one of none, refconv, acb, repvgg"),
+    (["method=acb", "acb.branch_scale=-1"], r"'acb.branch_scale' must be"),
 ])
 def test_bad_method_settings_are_one_line_errors(tiny_runs, tmp_path, overrides, pattern):
     args = tiny_train_args(tiny_runs.data, tmp_path / "out", *overrides)
@@ -103,7 +103,7 @@ def test_bad_method_settings_are_one_line_errors(tiny_runs, tmp_path, overrides,
 
 
 def test_a_method_that_finds_nothing_to_change_is_a_one_line_error(tiny_runs, tmp_path):
-    args = method_args(tiny_runs, tmp_path, "repvgg", "reparam.exclude=['.*']")
+    args = method_args(tiny_runs, tmp_path, "repvgg", "repvgg.exclude=['.*']")
     assert_one_line_error(*call(train_cli.main, args)[::2], r"repvgg found no convolution to change")
     assert not (tmp_path / "last.pth").exists()
 
@@ -112,7 +112,7 @@ def test_configs_of_the_paper_s_two_models_load_for_every_method():
     for arch in ("resnet18", "mobilenetv2"):
         for method in ("acb", "repvgg", "dbb", "wn", "cwn", "own"):
             cfg = load_config(f"configs/{arch}_{method}.yaml")
-            assert cfg.reparam.method == method and not cfg.refocus.enabled
+            assert cfg.method == method and not (cfg.method == "refconv")
 
 
 # ----------------------------------------------------------------------------------------------- long runs

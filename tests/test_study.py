@@ -50,7 +50,7 @@ def tiny(tmp_path_factory) -> Path:
               "data": {"root": str(root / "data"), "img_size": 32, "batch_size": 8, "workers": 0},
               "optim": {"lr": 0.05, "warmup_epochs": 0, "epochs": 1}, "train": {"device": "cpu"}}
     (root / "stage2.yaml").write_text(yaml.safe_dump(stage2))
-    stage1 = {**stage2, "model": {**stage2["model"], "pretrained": False}, "refocus": {"enabled": False}}
+    stage1 = {**stage2, "model": {**stage2["model"], "pretrained": False}, "method": "none"}
     (root / "stage1.yaml").write_text(yaml.safe_dump(stage1))
     return root
 
@@ -60,12 +60,12 @@ def write_study(root: Path, name: str = "tiny.study.yaml", **changes) -> Path:
     study = {
         "config": str(root / "stage2.yaml"), "output": str(root / "out"), "seeds": [0, 1], "budget": 2,
         "select": {"finetune": {"what": "fine-tuning", "lr": [0.01, 0.1],
-                                "overrides": ["refocus.enabled=false", "optim.epochs={budget}"]}},
+                                "overrides": ["method=none", "optim.epochs={budget}"]}},
         "variants": [
             {"name": "finetune", "what": "fine-tuning at the chosen lr", "family": "finetune",
-             "overrides": ["refocus.enabled=false", "optim.epochs={budget}"]},
+             "overrides": ["method=none", "optim.epochs={budget}"]},
             {"name": "refconv", "what": "RefConv zeros + step norm", "family": "finetune",
-             "overrides": ["refocus.init=zeros", "refocus.step_norm=layer", "optim.epochs={budget}"]}],
+             "overrides": ["refconv.init=zeros", "refconv.step_norm=layer", "optim.epochs={budget}"]}],
         "controls": ["finetune"]}
     study.update(changes)
     path = root / name
@@ -90,7 +90,7 @@ def test_quick_study_selects_on_holdout_reports_paired_differences_and_restarts(
         for v in ("finetune", "refconv"):
             cfg = load_config(root / "report" / f"seed{seed}" / v / "config.yaml")
             assert (cfg.data.val_split, cfg.train.seed, cfg.optim.lr) == ("val", seed, chosen["lr"])
-            assert cfg.refocus.enabled == (v == "refconv") and cfg.train.max_steps_per_epoch > 0  # quick mode
+            assert (cfg.method == "refconv") == (v == "refconv") and cfg.train.max_steps_per_epoch > 0  # quick mode
 
     results = json.loads((root / "report" / "results.json").read_text())
     assert results["controls"] == ["finetune"] and results["seeds"] == [0, 1]
@@ -162,8 +162,8 @@ def test_dry_run_prints_the_baseline_selection_report_and_eval_commands_and_runs
     ({"goal": -0.1}, r"goal: expected the top-1 points to gain over the stronger control \(>= 0\), got -0.1"),
     ({"goal": 0.3, "controls": []}, r"goal: is measured against the stronger control, but the study file names no"),
     ({"config": "nowhere.yaml"}, r"config: config file 'nowhere.yaml' not found"),
-    ({"select": {"finetune": {"lr": [0.1], "overrides": ["refocus.enabled=maybe"]}}},
-     r"selection candidate 'finetune_lr0.1': config key 'refocus.enabled' expects"),
+    ({"select": {"finetune": {"lr": [0.1], "overrides": ["refconv.map_k=maybe"]}}},
+     r"selection candidate 'finetune_lr0.1': config key 'refconv.map_k' expects"),
 ])
 def test_study_file_errors_are_one_line_before_anything_runs(tiny, tmp_path, change, message):
     study = write_study(tiny, "bad.study.yaml", output=str(tmp_path / "never"), **change)
@@ -224,8 +224,8 @@ def test_table_pairs_every_variant_with_each_control_and_the_stronger_one(tmp_pa
 # and data.val_split checked separately), recorded from the script's own commands with the winners of
 # docs/reproduction.md (scratch: lr 0.06 for both; imagenet: 0.03 for both). Renamed: the one-lr candidates
 # refconv_nonorm/_dwonly/_wd/_kaiming are now families named <name>_lr<lr>; report/finetune_lr<X> is report/finetune.
-FT, RC = {"refocus.enabled": False, "optim.warmup_epochs": 0}, {"refocus.init": "zeros", "optim.warmup_epochs": 0}
-NORM = {**RC, "refocus.step_norm": "layer"}
+FT, RC = {"method": "none", "optim.warmup_epochs": 0}, {"refconv.init": "zeros", "optim.warmup_epochs": 0}
+NORM = {**RC, "refconv.step_norm": "layer"}
 OLD_RUNS = {
     "scratch": {
         "baseline": {},
@@ -236,12 +236,12 @@ OLD_RUNS = {
         "select/refconv_lr0.02": {**NORM, "optim.lr": 0.02, "optim.epochs": 2},
         "select/refconv_lr0.06": {**NORM, "optim.lr": 0.06, "optim.epochs": 2},
         "select/refconv_lr0.2": {**NORM, "optim.epochs": 2},  # lr 0.2 is the config's
-        "select/refconv_dwonly_lr0.06": {**NORM, "refocus.exclude": ["conv_stem"], "optim.lr": 0.06,
+        "select/refconv_dwonly_lr0.06": {**NORM, "refconv.exclude": ["conv_stem"], "optim.lr": 0.06,
                                          "optim.epochs": 2},
-        "select/refconv_wd_lr0.06": {**NORM, "refocus.weight_decay": 0.001, "optim.lr": 0.06, "optim.epochs": 2},
-        "select/refconv_kaiming_lr0.06": {**NORM, "refocus.init": "kaiming", "optim.lr": 0.06, "optim.epochs": 2},
+        "select/refconv_wd_lr0.06": {**NORM, "refconv.weight_decay": 0.001, "optim.lr": 0.06, "optim.epochs": 2},
+        "select/refconv_kaiming_lr0.06": {**NORM, "refconv.init": "kaiming", "optim.lr": 0.06, "optim.epochs": 2},
         "report/finetune": {**FT, "optim.lr": 0.06, "optim.epochs": 2},
-        "report/retrain": {"refocus.enabled": False},
+        "report/retrain": {"method": "none"},
         "report/refconv_paper": {},
         "report/refconv_norm": {**NORM, "optim.lr": 0.06, "optim.epochs": 2},
     },
@@ -252,15 +252,15 @@ OLD_RUNS = {
         "select/refconv_nonorm_lr0.03": {**RC, "optim.lr": 0.03, "optim.epochs": 3},
         "select/refconv_lr0.03": {**NORM, "optim.lr": 0.03, "optim.epochs": 3},
         "select/refconv_lr0.1": {**NORM, "optim.epochs": 3},
-        "select/refconv_wd_lr0.03": {**NORM, "refocus.weight_decay": 0.001, "optim.lr": 0.03, "optim.epochs": 3},
+        "select/refconv_wd_lr0.03": {**NORM, "refconv.weight_decay": 0.001, "optim.lr": 0.03, "optim.epochs": 3},
         "report/finetune": {**FT, "optim.lr": 0.03, "optim.epochs": 3},
-        "report/retrain": {"refocus.enabled": False},
+        "report/retrain": {"method": "none"},
         "report/refconv_paper": {},
         "report/refconv_norm": {**NORM, "optim.lr": 0.03, "optim.epochs": 3},
     },
     "imagenet_10ep": {
         "report/finetune_lr0.03": {**FT, "optim.lr": 0.03, "optim.epochs": 10},
-        "report/retrain": {"refocus.enabled": False, "optim.epochs": 9},  # 1 warmup epoch, as the config
+        "report/retrain": {"method": "none", "optim.epochs": 9},  # 1 warmup epoch, as the config
         "report/refconv_norm": {**NORM, "optim.lr": 0.03, "optim.epochs": 10},
     },
 }

@@ -38,7 +38,7 @@ def load(path: Path) -> dict:
 
 def test_baseline_then_refocus_run_writes_verified_fused_model(data_root, tmp_path, capsys):
     base_out, ref_out = tmp_path / "baseline", tmp_path / "refocus"
-    assert train_main(args(data_root, base_out, "refocus.enabled=false")) == 0
+    assert train_main(args(data_root, base_out, "method=none")) == 0
     for name in ("last.pth", "best.pth", "config.yaml", "summary.csv"):
         assert (base_out / name).is_file(), name
     assert list((base_out / "tb").iterdir()), "TensorBoard events"
@@ -47,7 +47,7 @@ def test_baseline_then_refocus_run_writes_verified_fused_model(data_root, tmp_pa
                         capsys.readouterr().out.strip().splitlines()[-1])
 
     assert train_main(args(data_root, ref_out, f"model.pretrained={base_out / 'best.pth'}",
-                           "refocus.init=zeros")) == 0
+                           "refconv.init=zeros")) == 0
     baseline = load(base_out / "best.pth")["model"]
     refocused = load(ref_out / "last.pth")["model"]
     bases = {k[: -len(BASE_KEY)]: v for k, v in refocused.items() if k.endswith(BASE_KEY)}
@@ -76,7 +76,7 @@ def test_refocus_run_with_autocast_and_channels_last_on_cpu(data_root, tmp_path,
     out = tmp_path / amp
     with one_thread():
         assert train_main(args(data_root, out, f"train.amp={amp}", "train.channels_last=true", "optim.accum_steps=2",
-                               "optim.lr=0.01", "refocus.init=zeros")) == 0
+                               "optim.lr=0.01", "refconv.init=zeros")) == 0
     ckpt = load(out / "last.pth")
     weights = [v for k, v in ckpt["model"].items() if k.endswith(REFOCUS_KEY)]
     assert weights and all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights)  # fp32 master
@@ -130,7 +130,7 @@ def test_lr_schedule_warms_up_then_cosine_per_step():
 
 def test_run_stopped_after_an_epoch_and_resumed_matches_a_straight_run(data_root, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ("refocus.enabled=true", "optim.epochs=1", "optim.warmup_epochs=1")
+    common = ("method=refconv", "optim.epochs=1", "optim.warmup_epochs=1")
     assert train_main(args(data_root, straight, *common)) == 0
     assert train_main(args(data_root, resumed, *common, "train.stop_after_epoch=1")) == 0
     assert load(resumed / "last.pth")["epoch"] == 1 and not (resumed / "fused.pth").exists()
@@ -159,7 +159,7 @@ def test_per_step_transform_computes_w_t_once_per_step_with_plain_autograds_grad
     for flag, out in runs.items():
         computed.clear()
         assert train_main(args(data_root, out, "optim.accum_steps=2", "optim.warmup_epochs=0",
-                               "train.max_steps_per_epoch=1", f"refocus.per_step_transform={flag}")) == 0
+                               "train.max_steps_per_epoch=1", f"refconv.per_step_transform={flag}")) == 0
         counts[flag] = sum(computed)  # with autograd on; evaluation computes W_t once, cached, without
     layers = 18  # mobilenetv2_050's refocused convs; parametrize computes each W_t once when registering it
     assert counts == {"true": layers + layers, "false": layers + 2 * layers}  # one step of 2 micro-batches
@@ -215,7 +215,7 @@ def test_broken_data_folders_are_one_line_errors(tmp_path):
 
 def test_summary_rows_hold_the_per_epoch_numbers(data_root, tmp_path):
     out = tmp_path / "s"
-    assert train_main(args(data_root, out, "refocus.enabled=false", "optim.warmup_epochs=0")) == 0
+    assert train_main(args(data_root, out, "method=none", "optim.warmup_epochs=0")) == 0
     header, row = (out / "summary.csv").read_text().strip().splitlines()
     assert header.split(",") == ["epoch", "train_loss", "top1", "top5", "val_loss", "lr", "img_per_s", "epoch_s"]
     values = dict(zip(header.split(","), map(float, row.split(","))))

@@ -53,10 +53,10 @@ class Measured:
 def fuse_for_measuring(restored: Restored) -> nn.Module:
     """The deployed architecture of a checkpoint's model, the one weight space all methods share: a training model
     of RefConv or another re-parameterization (ACB, RepVGG, DBB, WN, CWN, OWN) is fused in place
-    (:func:`refconv_train.reparam.fuse_reparam`); fused and baseline models are returned as they are."""
-    from ..methods.reparam import fuse_reparam
+    (:func:`refconv_train.fuse_model`); fused and baseline models are returned as they are."""
+    from ..methods import fuse_model
 
-    fuse_reparam(restored.model)
+    fuse_model(restored.model)
     return restored.model
 
 

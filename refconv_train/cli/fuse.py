@@ -37,7 +37,8 @@ def fuse_checkpoint(args: argparse.Namespace) -> list[Path]:
                            f"overwrite or -o another path")
     restored = restore_reparam_training(ckpt)
     img_size = args.img_size or restored.config.data.img_size
-    result = fuse_and_verify(restored.model, restored.arch, restored.num_classes, img_size, atol=args.atol)
+    result = fuse_and_verify(restored.model, restored.arch, restored.num_classes, img_size, atol=args.atol,
+                             model_kwargs=restored.config.model.kwargs)
     print(f"max_abs_diff={result.max_abs_diff:.3g} (atol {args.atol:g} x output scale {result.output_scale:.3g}, "
           f"fp32, eval mode, random inputs, trained and randomized norm statistics)")
     written = write_fused(result, outputs, restored.arch, restored.num_classes, config_to_dict(restored.config),

@@ -1,9 +1,9 @@
 """What every re-parameterization method shares: which convs it targets, what it reports, the exact-start check.
 
-A method is three functions (docs/design.md section 6): ``apply(model, exclude=(), **options) -> ReparamReport``
-(in place; raises :class:`RefconvError` when it finds nothing to change), ``fuse(model) -> list[str]`` (in place,
-idempotent: the original module classes, parameter names and shapes come back) and ``convs(model) -> dict`` (the
-convs it currently holds). :mod:`refconv_train.reparam` maps each method name to its three functions.
+A method is one :class:`~refconv_train.methods.registry.Method` entry of the registry (docs/design.md section 6):
+``apply`` (in place, returns the one report type, :class:`ReparamReport`; raises :class:`RefconvError` when it finds
+nothing to change), ``fuse(model) -> list[str]`` (in place, idempotent: the original module classes, parameter names
+and shapes come back) and ``convs(model) -> dict`` (the convs it currently holds).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ class ReparamReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     # max |f(x) - f_original(x)| right after apply, eval mode, random inputs (0 for methods with an exact start)
     start_max_abs_diff: float | None = None
+    table_file: ClassVar[str] = "reparam_report.txt"  # where a run writes table()
 
     @property
     def added_params(self) -> int:

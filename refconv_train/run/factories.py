@@ -1,5 +1,6 @@
-"""The pieces of a run built from its config: the model (refocused or not), SGD with its parameter groups, the
-per-step LR schedule. Training, fusing, evaluation and the benchmarks share them without importing the trainer."""
+"""The pieces of a run built from its config: SGD with the method's parameter groups, the per-step LR schedule
+(the model: refconv_train.models.build_training_model). Training and the benchmarks share them without importing
+the trainer."""
 
 from __future__ import annotations
 
@@ -7,46 +8,15 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
+from .. import methods
 from ..config import Config, OptimConfig
 from ..errors import RefconvError
-from ..methods.protocol import example_input
-from ..methods.refconv import RefocusReport, refocus_model, refocus_param_groups
-from ..methods.reparam import ReparamReport, apply_reparam
-from ..models import build_model
-
-
-def method_of(cfg: Config) -> str:
-    """The run's re-parameterization: ``refconv``, one of ``reparam.method``'s, or ``none`` (plain training)."""
-    return "refconv" if cfg.refocus.enabled else cfg.reparam.method
-
-
-def build_training_model(cfg: Config, pretrained: bool | str | None = None
-                         ) -> tuple[nn.Module, RefocusReport | ReparamReport | None]:
-    """The backbone with its pretrained weights, re-parameterized as the config says (RefConv when
-    ``refocus.enabled``, else ``reparam.method``); the method's report is returned (None for plain training)."""
-    m = cfg.model
-    model = build_model(m.name, num_classes=m.num_classes,
-                        pretrained=m.pretrained if pretrained is None else pretrained, **m.kwargs)
-    report = None
-    if cfg.refocus.enabled:
-        r = cfg.refocus
-        # pretrained=False: the bare architecture for a checkpoint's weights (resume, restore): nothing to check
-        report = refocus_model(model, map_k=r.map_k, init=r.init, exclude=r.exclude, base=r.base,
-                               base_init=r.base_init, check_base=pretrained is None)
-    elif cfg.reparam.method != "none":
-        r = cfg.reparam
-        # The hooked forward that pairs convs with their BatchNorms, and the start check, at the run's image size.
-        report = apply_reparam(model, r.method, exclude=r.exclude, branch_scale=r.branch_scale,
-                               own_group=r.own_group, example=example_input(model, cfg.data.img_size))
-    return model, report
 
 
 def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
-    """Every trainable parameter once; W_r grouped as ``refocus.step_norm`` / ``refocus.weight_decay`` say."""
-    r = cfg.refocus
-    if not r.enabled:
-        return refocus_param_groups(model)
-    return refocus_param_groups(model, r.step_norm, r.weight_decay)
+    """Every trainable parameter once, grouped as the config's method says (RefConv: ``refconv.step_norm`` /
+    ``refconv.weight_decay``; the others: one group)."""
+    return methods.get(cfg.method).param_groups(model, cfg.method_options)
 
 
 def build_sgd(params: list[nn.Parameter] | list[dict], lr: float, optim: OptimConfig) -> torch.optim.SGD:

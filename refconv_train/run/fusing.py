@@ -14,7 +14,7 @@ from torch import nn
 
 from ..checkpoint import atomic_save, atomic_save_safetensors, fused_checkpoint, unwrap
 from ..errors import RefconvError
-from ..methods.reparam import fuse_reparam
+from ..methods import fuse_model
 from ..models import build_model
 from ..verify import output_diff_and_scale, randomize_bn_stats
 
@@ -30,12 +30,13 @@ class FuseResult:
 
 @torch.no_grad()
 def fuse_and_verify(trained: nn.Module, name: str, num_classes: int, img_size: int, atol: float = 1e-4,
-                    batch: int = 4, seed: int = 0) -> FuseResult:
-    """Fuse a copy of ``trained`` (RefConv or any ``reparam`` method; the model is left untouched), load the result
-    **strictly** into a freshly built ``name`` model, and compare eval-mode outputs on random fp32 inputs of
-    ``img_size``: once with the trained norm statistics (what is deployed), once after randomizing every norm layer
-    of the trained model (branch BatchNorms included, whose zero-initialised scales then become non-zero) and fusing
-    that. Near-identity BatchNorm can hide a wrong kernel or bias (RepVGG's lesson). Raises when the difference
+                    batch: int = 4, seed: int = 0, model_kwargs: dict | None = None) -> FuseResult:
+    """Fuse a copy of ``trained`` (any registered method; the model is left untouched), load the result **strictly**
+    into a freshly built ``name`` model (``model_kwargs``: the run's ``model.kwargs``), and compare eval-mode outputs on
+    random fp32 inputs of ``img_size``: once with the trained norm statistics (what is deployed),
+    once after randomizing every
+    norm layer of the trained model (branch BatchNorms included, whose zero-initialised scales then become non-zero) and
+    fusing that. Near-identity BatchNorm can hide a wrong kernel or bias (RepVGG's lesson). Raises when the difference
     exceeds ``atol`` times the output's scale (max |output|, at least 1): a branch folded into the kernel sums the same
     products in another order, and fp32 rounding grows with the activations (mobilenetv2 under randomized statistics:
     outputs ~50, differences ~5e-4 in fp32, 1e-12 in fp64, measured)."""
@@ -51,9 +52,9 @@ def fuse_and_verify(trained: nn.Module, name: str, num_classes: int, img_size: i
         if randomized:
             randomize_bn_stats(reference, seed)
         fused = copy.deepcopy(reference)
-        if not fuse_reparam(fused):
-            raise RefconvError("the model holds no re-parameterized layer (RefConv or reparam.method): nothing to fuse")
-        fresh = build_model(name, num_classes=num_classes, pretrained=False)
+        if not fuse_model(fused):
+            raise RefconvError("the model holds no re-parameterized layer (its method is none): nothing to fuse")
+        fresh = build_model(name, num_classes=num_classes, pretrained=False, **(model_kwargs or {}))
         try:
             fresh.load_state_dict(fused.state_dict(), strict=True)
         except RuntimeError as e:

@@ -1,4 +1,5 @@
-"""Rebuild a ready-to-run model from any checkpoint we know: fused, RefConv training, baseline training, plain."""
+"""Rebuild a ready-to-run model from any checkpoint we know: fused, a training checkpoint of any method (baseline
+included), a plain state dict."""
 
 from __future__ import annotations
 
@@ -8,48 +9,37 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint import CHECKPOINT_FORMAT, FUSED_FORMAT, describe, read_state_dict, safe_torch_load
+from .. import methods
+from ..checkpoint import FUSED_FORMAT, describe, is_training_checkpoint, safe_torch_load
 from ..config import Config, config_from_dict
 from ..errors import RefconvError
-from ..methods.reparam import fuse_reparam
-from ..models import build_model, load_state_dict_checked
-from .factories import build_training_model, method_of
+from ..models import build_model, load_state_dict_checked, read_state_dict, rebuild_training_model
 
 
 @dataclass
 class Restored:
     model: nn.Module
-    kind: str  # fused | refocus | <reparam.method> (acb, ...) | baseline | state_dict | library
+    kind: str  # fused | state_dict | library | the method's kind (refocus, baseline, acb, ...: Method.kind)
     arch: str
     num_classes: int
     config: Config | None  # the training config, when the checkpoint carries one
 
 
 def restore_reparam_training(path: str | os.PathLike) -> Restored:
-    """A RefConv (or ``reparam.method``) training checkpoint as the model it was saved from, strictly loaded."""
+    """A re-parameterized training checkpoint (any method but none) as the model it was saved from, strictly
+    loaded; anything else is a one-line error."""
     ckpt = safe_torch_load(path)
-    if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT
-            and method_of(config_from_dict(ckpt.get("config", {}))) != "none"):
+    restored = _restore_training(ckpt, path) if is_training_checkpoint(ckpt) else None
+    if restored is None or not methods.held_methods(restored.model):
         raise RefconvError(f"'{path}' is not a re-parameterized training checkpoint (it holds {describe(ckpt)}); "
-                           f"refconv-fuse takes the last.pth/best.pth of a RefConv or reparam.method run")
-    return _restore_training(ckpt, path)
+                           f"refconv-fuse takes the last.pth/best.pth of a run whose method is not none")
+    return restored
 
 
 def _restore_training(ckpt: dict, path: str | os.PathLike) -> Restored:
-    """The model a training checkpoint was saved from (re-parameterized or baseline, as its config says)."""
-    cfg = config_from_dict(ckpt["config"])
-    model, _ = build_training_model(cfg, pretrained=False)  # every weight then comes from the checkpoint
-    _load_strict(model, ckpt["model"], path)
-    method = method_of(cfg)
-    kind = {"refconv": "refocus", "none": "baseline"}.get(method, method)
-    return Restored(model, kind, cfg.model.name, cfg.model.num_classes, cfg)
-
-
-def fused_training_weights(ckpt: dict, path: str | os.PathLike) -> dict:
-    """The original architecture's state dict of a re-parameterized training checkpoint (rebuilt, then fused)."""
-    model = _restore_training(ckpt, path).model
-    fuse_reparam(model)
-    return model.state_dict()
+    """The model a training checkpoint was saved from (its method applied, as its config says)."""
+    model, cfg = rebuild_training_model(ckpt, path)
+    return Restored(model, methods.get(cfg.method).kind, cfg.model.name, cfg.model.num_classes, cfg)
 
 
 def restore_any(path: str | os.PathLike | None, model_name: str | None = None,
@@ -64,10 +54,11 @@ def restore_any(path: str | os.PathLike | None, model_name: str | None = None,
     obj = safe_torch_load(path) if Path(path).suffix != ".safetensors" else None
     if isinstance(obj, dict) and obj.get("format") == FUSED_FORMAT:
         cfg = config_from_dict(obj["config"]) if obj.get("config") else None
-        model = build_model(model_name or obj["arch"], num_classes=obj["num_classes"], pretrained=False)
+        kwargs = cfg.model.kwargs if cfg is not None and not model_name else {}  # the run's model.kwargs
+        model = build_model(model_name or obj["arch"], num_classes=obj["num_classes"], pretrained=False, **kwargs)
         _load_strict(model, obj["state_dict"], path)
         return Restored(model, "fused", obj["arch"], obj["num_classes"], cfg)
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+    if is_training_checkpoint(obj):
         return _restore_training(obj, path)
     if not model_name:
         what = describe(obj) if obj is not None else "a safetensors state dict"

@@ -44,7 +44,7 @@ def read_curve(folder: Path) -> tuple[list[float], list[float]]:
 
 def spatial_kernels(path: str | Path) -> dict:
     """Conv kernels larger than 1x1 of any checkpoint the library reads (RefConv ones fused: ``W_t``)."""
-    from ..checkpoint import read_state_dict
+    from ..models import read_state_dict
 
     return {k: v.double() for k, v in read_state_dict(path).items()
             if k.endswith(".weight") and v.ndim == 4 and v.shape[-1] * v.shape[-2] > 1}

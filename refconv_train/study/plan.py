@@ -43,8 +43,11 @@ def train_executable() -> list[str]:
 
 
 def settings(config: dict[str, Any]) -> dict[str, Any]:
-    """Flatten a config dict to ``section.key`` -> value, leaving out where the run writes (``train.output``)."""
-    flat = {f"{section}.{key}": value for section, keys in config.items() for key, value in keys.items()}
+    """Flatten a config dict to ``section.key`` -> value (a top-level key such as ``method`` as it is), leaving out
+    where the run writes (``train.output``)."""
+    flat = {key: value for key, value in config.items() if not isinstance(value, dict)}
+    flat.update({f"{section}.{key}": value for section, keys in config.items() if isinstance(keys, dict)
+                 for key, value in keys.items()})
     flat.pop("train.output", None)
     return flat
 

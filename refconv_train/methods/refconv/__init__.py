@@ -1,9 +1,12 @@
 """RefConv: refocus a frozen pretrained kernel with a learnable convolution run over the kernel itself.
 
-- :mod:`.transform`: the math as pure functions (the transform, its GEMM form, the step gain);
+- :mod:`.kernel_math`: the math as pure functions (the transform, its GEMM form, the step gain);
 - :mod:`.parametrization`: :class:`Refocus`, the ``torch.nn.utils.parametrize`` module holding ``W_r``;
-- :mod:`.surgery`: inject into a model, find, fuse a model or a state dict back;
-- :mod:`.step_norm`: optimizer parameter groups for step normalisation.
+- :mod:`.inject`: inject into a model, find, fuse a model or a state dict back;
+- :mod:`.step_norm`: optimizer parameter groups for step normalisation;
+- :mod:`.per_step`: its per-step hook, ``W_t`` once per optimizer step (the kernel-sized all-reduce under DDP).
+
+Its registry entry is in :mod:`refconv_train.methods.builtin`.
 """
 
 from .inject import (
@@ -13,13 +16,15 @@ from .inject import (
     REFOCUS_KEY,
     RefocusedLayer,
     RefocusReport,
-    fuse_model,
     fuse_state_dict,
     is_refocus_state_dict,
     refocus_model,
     refocus_parameters,
     refocused_convs,
     refocused_kernels,
+)
+from .inject import (
+    fuse_model as fuse_refocus,
 )
 from .kernel_math import (
     conv_kind,
@@ -36,7 +41,7 @@ from .step_norm import STEP_NORMS, refocus_param_groups
 
 __all__ = [
     "INITS", "Refocus", "init_refocus_weight", "STEP_NORMS", "refocus_param_groups", "BASE_INITS", "BASE_KEY",
-    "BASES", "REFOCUS_KEY", "RefocusedLayer", "RefocusReport", "fuse_model", "fuse_state_dict",
+    "BASES", "REFOCUS_KEY", "RefocusedLayer", "RefocusReport", "fuse_refocus", "fuse_state_dict",
     "is_refocus_state_dict", "refocus_model", "refocus_parameters", "refocused_convs", "refocused_kernels",
     "conv_kind", "kernel_kind", "kernel_patches", "refocus_delta", "refocus_delta_gemm", "refocus_shape",
     "refocus_transform", "step_gain",

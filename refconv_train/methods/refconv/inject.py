@@ -6,6 +6,7 @@ import math
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from torch.nn.utils import parametrize
 
 from ...errors import RefconvError
 from ..modules import bake_weight, compile_patterns
+from ..protocol import ReparamReport
 from .base_check import MIN_VALUES, UNTRAINED_FRACTION, is_zero, looks_like_init
 from .kernel_math import conv_kind, step_gain
 from .parametrization import INITS, Refocus
@@ -38,25 +40,25 @@ class RefocusedLayer:
     def refocus_params(self) -> int:
         return math.prod(self.refocus_shape)
 
+    @property
+    def added_params(self) -> int:
+        return self.refocus_params
+
 
 @dataclass
-class RefocusReport:
-    """What :func:`refocus_model` did: refocused layers and skipped convs with the reason."""
+class RefocusReport(ReparamReport):
+    """What :func:`refocus_model` did: the methods' one report (refocused layers, skipped convs with the reason,
+    ``start_max_abs_diff``: measured by the registry's apply, init=zeros starts exactly, xavier/kaiming do not)
+    with RefConv's table (W_r shapes, step gains)."""
 
-    map_k: int
-    layers: list[RefocusedLayer] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    start_max_abs_diff: float | None = None  # not measured: init=zeros starts exactly, xavier/kaiming do not
+    method: str = "refconv"
+    map_k: int = 3
     untrained: list[str] = field(default_factory=list)  # refocused layers whose W_b looked like a fresh init
+    table_file: ClassVar[str] = "refocus_report.txt"
 
     @property
     def refocus_params(self) -> int:
         return sum(layer.refocus_params for layer in self.layers)
-
-    @property
-    def added_params(self) -> int:
-        """The re-parameterization protocol's name for it (refconv_train.reparam.ReparamReport)."""
-        return self.refocus_params
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}

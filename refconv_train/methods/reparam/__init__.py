@@ -17,7 +17,7 @@ from torch import nn
 
 from ...errors import RefconvError
 from ..protocol import ChangedLayer, ReparamReport
-from ..refconv import fuse_model
+from ..refconv import fuse_refocus
 from .structural import apply_structural, fuse_structural
 from .weight import apply_weight_reparam, fuse_weight
 
@@ -54,7 +54,7 @@ def apply_reparam(model: nn.Module, method: str, exclude: Iterable[str] = (), br
 def fuse_reparam(model: nn.Module) -> list[str]:
     """Fold every re-parameterization in ``model`` (RefConv, structural branches, weight parametrizations) back into
     plain convs, in place; returns the fused conv names. Idempotent; a model holding none is returned unchanged."""
-    return fuse_model(model) + fuse_structural(model) + fuse_weight(model)
+    return fuse_refocus(model) + fuse_structural(model) + fuse_weight(model)
 
 
 __all__ = ["STRUCTURAL", "WEIGHT", "METHODS", "PAPERS", "ChangedLayer", "ReparamReport", "apply_reparam",
