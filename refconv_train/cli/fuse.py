@@ -16,7 +16,7 @@ from .common import run_cli
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="refconv-fuse", description=__doc__)
-    p.add_argument("checkpoint", help="last.pth / best.pth of a RefConv or reparam.method run")
+    p.add_argument("checkpoint", help="last.pth / best.pth of a run of any method but none")
     p.add_argument("-o", "--output", help="fused checkpoint path (default: <CKPT stem>_fused.pth next to CKPT)")
     p.add_argument("--format", nargs="+", default=["pth", "safetensors"], choices=FORMATS,
                    help="what to write: the .pth checkpoint, its .safetensors twin, an .onnx export")

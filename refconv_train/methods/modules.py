@@ -1,4 +1,4 @@
-"""Two steps every re-parameterization (RefConv and refconv_train.reparam) shares when it edits a model."""
+"""Two steps every re-parameterization (RefConv and the comparison methods) shares when it edits a model."""
 
 from __future__ import annotations
 

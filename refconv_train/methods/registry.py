@@ -102,9 +102,10 @@ def register(method: Method | None = None, *, replace: bool = False, **fields: A
 
 
 def _same_source(a: Method, b: Method) -> bool:
-    """The same function defined again (a plugin module imported under two names: as a file and as a package)."""
-    code = [getattr(getattr(m.apply, "__code__", None), "co_filename", None) for m in (a, b)]
-    return code[0] is not None and code[0] == code[1]
+    """The same definition run again (a plugin module imported under two names: as a file and as a package)."""
+    code = [getattr(m.apply, "__code__", None) for m in (a, b)]
+    where = [(c.co_filename, c.co_firstlineno) if c is not None else None for c in code]
+    return where[0] is not None and where[0] == where[1]
 
 
 def get(name: str) -> Method:

@@ -17,7 +17,7 @@ below 1e-5 per layer), and a kernel "looks like an init" only when it passes all
 4. distribution: a uniform init's values all lie within its bound and come within ``12 / n`` of it; a normal
    init's kurtosis is 3 (trained kernels are heavy-tailed).
 
-:func:`~refconv_train.refocus.surgery.refocus_model` warns when at least :data:`UNTRAINED_FRACTION` of the kernels
+:func:`~.inject.refocus_model` warns when at least :data:`UNTRAINED_FRACTION` of the kernels
 it refocuses (of those with ``MIN_VALUES`` values or more) look like an init (or are constant). One trained layer
 can pass by chance (ImageNet EfficientNet-Lite0: 1 of its 17 spatial kernels, a 96-channel depthwise one with the
 std and kurtosis of a normal init); nine in ten cannot: training leaves structure (test 2) and heavy tails (test 4)

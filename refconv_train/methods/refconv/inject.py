@@ -80,7 +80,7 @@ class RefocusReport(ReparamReport):
         rows += [f"{name:40s} skipped: {why}" for name, why in self.skipped]
         rows.append(self.summary())
         rows.append("step gain: lambda, how much faster than a plain kernel one SGD step on W_r moves W_t "
-                    "(refocus.step_norm=layer divides each W_r's lr by it)")
+                    "(refconv.step_norm=layer divides each W_r's lr by it)")
         return "\n".join(rows)
 
 

@@ -2,7 +2,7 @@
 rate of a plain kernel.
 
 ``W_t = W_b + A(W_r)`` is linear in ``W_r``, so an SGD step of ``lr`` on ``W_r`` moves the kernel by
-``lr * A A^T g``, ``lambda`` (:func:`~refconv_train.refocus.transform.step_gain`) times a plain step in expectation:
+``lr * A A^T g``, ``lambda`` (:func:`~.kernel_math.step_gain`) times a plain step in expectation:
 hundreds of times for wide depthwise layers (every kernel channel mixes all the others), about 1/100 for dense ones
 (each 2-D kernel mixes only with itself). ``step_norm="layer"`` puts each layer's ``W_r`` in its own group with
 ``lr_scale = 1 / lambda``, the key timm's schedulers multiply every group's scheduled lr by.
@@ -27,7 +27,7 @@ def refocus_param_groups(model: nn.Module, step_norm: str = "none",
 
     ``step_norm="none"`` (the paper) keeps ``W_r`` with the others; ``"layer"`` gives each layer's ``W_r`` a group
     with ``lr_scale = 1 / lambda``, ``lambda`` computed now from the layer's ``W_b``: call this on the pretrained
-    model (with ``refocus.base=trainable`` ``W_b`` moves later on; the scale stays the one of the start).
+    model (with ``refconv.base=trainable`` ``W_b`` moves later on; the scale stays the one of the start).
     ``refocus_weight_decay``: a weight decay for the ``W_r`` groups only (it pulls ``W_t`` towards ``W_b``); ``None``
     keeps the optimizer's. Without either option this is a single group, the layout of plain training.
 

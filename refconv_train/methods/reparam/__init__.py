@@ -1,11 +1,13 @@
-"""The paper's comparison methods behind one protocol (docs/design.md section 6), beside RefConv (refocus/).
+"""The paper's comparison methods (docs/design.md section 6), beside RefConv (../refconv/); their registry entries
+are in ../builtin.py.
 
 - structural (ACB, RepVGG, DBB): training-time branches on each spatial conv, folded back into its kernel;
 - weight (WN, CWN, OWN): ``torch.nn.utils.parametrize`` parametrizations of each spatial conv's weight.
 
 ``apply_reparam(model, "acb")`` changes a model in place and returns a :class:`ReparamReport`;
-``fuse_reparam(model)`` folds every re-parameterization the model holds (RefConv included) back into the original
-architecture, in place. Both are what the trainer, ``refconv-fuse`` and the study use.
+``fuse_reparam(model)`` folds RefConv and these six back into the original architecture, in place. Both predate the
+registry and stay for scripts that call them; the trainer, ``refconv-fuse`` and the study go through the registry
+(``refconv_train.apply_method`` / ``fuse_model``, which also know OREPA and registered methods).
 """
 
 from __future__ import annotations
