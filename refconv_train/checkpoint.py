@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import methods
 from .errors import RefconvError
 from .methods.legacy import translate_legacy
 
@@ -234,7 +235,12 @@ def describe(obj: Any) -> str:
     if obj.get("format") == FUSED_FORMAT:
         return "a fused checkpoint (already the original architecture)"
     if obj.get("format") == CHECKPOINT_FORMAT:
-        return f"a training checkpoint of method {checkpoint_method(obj)}"
+        name = checkpoint_method(obj)
+        try:
+            name = methods.get(name).title  # RefConv, baseline, DBB, ...
+        except RefconvError:  # a user's method whose module is not imported here
+            pass
+        return f"a {name} training checkpoint"
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return f"a plain state dict of {len(obj)} tensors"
     keys = ", ".join(list(map(str, obj))[:5])

@@ -71,7 +71,7 @@ def test_an_old_refconv_checkpoint_fuses_verified_and_evaluates(data, tmp_path):
 
 def test_an_old_plain_checkpoint_is_not_fused(tmp_path):
     assert_one_line_error(*call(fuse_cli.main, [OLD["none"], "-o", tmp_path / "f.pth"])[::2],
-                          r"not a re-parameterized training checkpoint \(it holds a training checkpoint of method none")
+                          r"not a re-parameterized training checkpoint \(it holds a baseline training checkpoint")
 
 
 @pytest.mark.parametrize("method, keys", [
