@@ -13,8 +13,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ...errors import RefconvError
-from ..modules import bake_weight, compile_patterns
-from ..protocol import ReparamReport
+from ..modules import bake_weight
+from ..protocol import ReparamReport, spatial_targets
 from .base_check import MIN_VALUES, UNTRAINED_FRACTION, is_zero, looks_like_init
 from .kernel_math import conv_kind, step_gain
 from .parametrization import INITS, Refocus
@@ -103,21 +103,13 @@ def refocus_model(
     Returns a :class:`RefocusReport`; raises :class:`RefconvError` on bad arguments or when nothing is eligible.
     """
     _check_args(map_k, init, base, base_init)
-    patterns = compile_patterns(exclude, "refocus")
-    used_patterns: set[str] = set()
     report = RefocusReport(map_k=map_k)
+    # The targets every method finds the same way (protocol.spatial_targets), minus kernels smaller than map_k.
+    spatial, report.skipped = spatial_targets(model, "refocus", exclude, is_taken=_is_taken)
     targets: list[tuple[str, nn.Conv2d]] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Conv2d) or parametrize.is_parametrized(module, "weight"):
-            continue
+    for name, module in spatial:
         kh, kw = module.kernel_size
-        hits = [p.pattern for p in patterns if p.search(name)]
-        if hits:
-            used_patterns.update(hits)
-            report.skipped.append((name, f"excluded by {hits[0]!r}"))
-        elif kh == 1 and kw == 1:
-            report.skipped.append((name, "1x1"))
-        elif kh < map_k or kw < map_k:
+        if kh < map_k or kw < map_k:
             report.skipped.append((name, f"kernel {kh}x{kw} smaller than map_k={map_k}"))
         else:
             targets.append((name, module))
@@ -132,9 +124,6 @@ def refocus_model(
         if check and looks_like_init(module.weight, module.groups):
             report.untrained.append(name)
         report.layers.append(_refocus_conv(name, module, map_k, init, base, base_init))
-    for pattern in patterns:
-        if pattern.pattern not in used_patterns:
-            warnings.warn(f"refocus exclude pattern {pattern.pattern!r} matches no convolution", stacklevel=2)
     if not report.layers:
         too_small = [n for n, why in report.skipped if why.startswith("kernel")]
         hint = f" (map_k={map_k} is larger than all {len(too_small)} spatial kernels)" if too_small else ""
@@ -158,6 +147,11 @@ def _refocus_conv(name: str, conv: nn.Conv2d, map_k: int, init: str, base: str, 
     parametrize.register_parametrization(conv, "weight", p)
     conv.parametrizations.weight.original.requires_grad_(base == "trainable")
     return RefocusedLayer(name, conv_kind(conv), tuple(conv.kernel_size), shape, tuple(p.refocus_weight.shape), gain)
+
+
+def _is_taken(conv: nn.Conv2d) -> bool:
+    """Another re-parameterization (or RefConv itself) already holds this conv."""
+    return parametrize.is_parametrized(conv, "weight") or hasattr(conv, "rep_branches")
 
 
 def _check_args(map_k: int, init: str, base: str, base_init: str) -> None:
