@@ -154,7 +154,7 @@ def test_fuse_never_overwrites_an_existing_output_without_force(tiny_runs, tmp_p
 
 
 def test_fuse_refuses_to_write_when_the_fused_model_differs(tiny_runs, tmp_path, monkeypatch):
-    real_fuse = fusing.fuse_reparam
+    real_fuse = fusing.fuse_model
 
     def broken_fuse(model):  # a fusing bug: one fused kernel comes out slightly wrong
         names = real_fuse(model)
@@ -162,7 +162,7 @@ def test_fuse_refuses_to_write_when_the_fused_model_differs(tiny_runs, tmp_path,
             model.get_submodule(names[0]).weight.add_(0.01)
         return names
 
-    monkeypatch.setattr(fusing, "fuse_reparam", broken_fuse)
+    monkeypatch.setattr(fusing, "fuse_model", broken_fuse)
     out = tmp_path / "bad.pth"
     rc, _, err = call(fuse_cli.main, [tiny_runs.refocus / "best.pth", "-o", out])
     assert re.search(r"max_abs_diff=\S+ > atol=0.0001 x output scale", assert_one_line_error(rc, err))

@@ -46,10 +46,10 @@ def load_pretrained_file(model: nn.Module, path: str | os.PathLike) -> None:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model weights held by a file in the original architecture's keys: our training/fused checkpoints, timm
-    checkpoints, plain state dicts, ``.safetensors``. A training checkpoint of any method is rebuilt and fused; a
-    bare state dict that a method can fold without its model (RefConv's) is folded."""
+    checkpoints, plain state dicts, ``.safetensors``. A training checkpoint of any method is rebuilt from its stored
+    config and fused; a bare state dict that a method can fold without its model (RefConv's) is folded."""
     obj = read_weights_file(path)
-    if is_training_checkpoint(obj):
+    if is_training_checkpoint(obj) and obj.get("config"):  # without its config: its state dict, folded below
         model, _ = rebuild_training_model(obj, path)
         methods.fuse_model(model)
         return model.state_dict()
