@@ -154,18 +154,53 @@ def test_a_training_step_changes_the_branches_and_the_model_still_fuses_exactly(
     assert (eval_out(model, X) - before).abs().max().item() < 1e-4
 
 
-def test_bias_goes_into_the_running_mean_of_the_bn_the_conv_feeds():
+def test_fuse_scales_the_kernel_by_sigma_over_gamma_and_puts_the_bias_into_the_bn_the_conv_feeds():
+    """The branches are summed after the conv's BN: the kernel moves before it as k * sigma / gamma, the bias into its
+    beta (a BN without affine parameters: its running mean, mu - b * sigma); a conv with a bias and no BN takes both."""
     model = bn_after(nn.Conv2d(6, 8, 3, padding=1, bias=False))
     report = apply_structural(model, "repvgg", example=X)
-    assert report.layers[0].detail.endswith("bias -> 1.running_mean")
+    assert report.layers[0].detail.endswith("summed after 1, bias -> 1.bias")
     perturb_branches(model)
-    mean = model[1].running_mean.clone()
+    weight, beta, mean = model[0].weight.clone(), model[1].bias.clone(), model[1].running_mean.clone()
     kernel, bias = model[0].rep_branches.kernel_bias()
-    fuse_structural(model, example=X)
-    assert model[0].bias is None
-    torch.testing.assert_close(model[1].running_mean, mean - bias)
+    sigma = (model[1].running_var + model[1].eps).sqrt()
+    fuse_structural(model)
+    assert model[0].bias is None and torch.equal(model[1].running_mean, mean)
+    torch.testing.assert_close(model[0].weight, weight + kernel * (sigma / model[1].weight.detach()).view(-1, 1, 1, 1))
+    torch.testing.assert_close(model[1].bias.detach(), beta + bias)
+
+    plain = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, affine=False)).double()
+    apply_structural(plain, "acb", example=X.double())
+    perturb_branches(plain)
+    mean, sigma = plain[1].running_mean.clone(), (plain[1].running_var + plain[1].eps).sqrt()
+    _, bias = plain[0].rep_branches.kernel_bias()
+    before = eval_out(plain, X.double())
+    fuse_structural(plain)
+    torch.testing.assert_close(plain[1].running_mean, mean - bias * sigma)
+    assert (eval_out(plain, X.double()) - before).abs().max().item() < 1e-12
+
     biased = apply_structural(bn_after(nn.Conv2d(6, 8, 3, padding=1, bias=True)), "repvgg", example=X)
-    assert biased.layers[0].detail.endswith("bias -> conv.bias")
+    assert biased.layers[0].detail.endswith("summed after 1, bias -> 1.bias")
+    alone = apply_structural(nn.Sequential(nn.Conv2d(6, 8, 3, padding=1)), "repvgg", example=X)
+    assert alone.layers[0].detail.endswith("summed on the conv output, bias -> conv.bias")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_zero_gamma_fuses_while_its_branches_are_zero_and_is_a_one_line_error_once_they_are_not(method):
+    """timm's zero_init_last starts a from-scratch ResNet block's last BN at gamma 0: the conv before it cannot carry
+    anything summed after it, so k * sigma / gamma must be an error, not inf/nan in the weights."""
+    model = two_convs()
+    with torch.no_grad():
+        model[1].weight[3] = 0.0
+    apply_structural(model, method, example=X)  # branch_scale 0: the branch kernel is zero, nothing to carry
+    fuse_structural(copy.deepcopy(model))
+    perturb_branches(model)
+    with torch.no_grad():
+        model[1].weight[3] = 0.0
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(RefconvError, match=r"cannot fuse 0: its BatchNorm 1 has gamma 0 in channel 3, too small"):
+        fuse_structural(model)
+    assert structural_convs(model) and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 class Residual(nn.Module):
