@@ -13,6 +13,7 @@ from timm.layers import StdConv2d, create_conv2d
 from torch import nn
 
 from refconv_train import RefconvError, build_model, randomize_bn_stats
+from refconv_train.fusing import fuse_and_verify
 from refconv_train.reparam.bn_pairs import find_bn_pairs
 from refconv_train.reparam.structural import (
     NO_BIAS_SINK,
@@ -373,3 +374,36 @@ def test_strided_1x1_branch_on_a_3_channel_stem_trains_channels_last(method):
     proc = subprocess.run([sys.executable, "-c", STRIDED_STEM, method], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"status {proc.returncode}: {proc.stderr[-500:]}"
     assert float(proc.stdout) < 1e-4  # the same weight gradient as in NCHW (fp32 sums in another order)
+
+
+def test_fixed_resolution_model_applies_at_its_input_size_and_fuses_without_a_forward():
+    """levit_conv_128s only runs at 224 px: the fuse used to run its own 64 px pairing forward and crash. The pairs
+    are now stored at apply; apply without example= takes timm's fixed input size, and a wrong size is one line."""
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model = build_model("levit_conv_128s", num_classes=10, pretrained=False).double()
+    report = apply_structural(model, "acb", example=x)
+    assert len(report.layers) == 4 and report.start_max_abs_diff == 0.0
+    perturb_branches(model)
+    before = eval_out(model, x)
+
+    def no_forward(*_):
+        raise AssertionError("the fuse ran a forward")
+
+    handle = model.register_forward_pre_hook(no_forward)
+    assert len(fuse_structural(model, example=torch.randn(1, 3, 64, 64))) == 4  # example: accepted, ignored
+    handle.remove()
+    fresh = build_model("levit_conv_128s", num_classes=10, pretrained=False).double()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert (eval_out(fresh, x) - before).abs().max().item() <= 1e-10 * max(1.0, before.abs().max().item())
+
+    fp32 = build_model("levit_conv_128s", num_classes=10, pretrained=False)
+    names = [layer.name for layer in apply_structural(fp32, "acb").layers]  # pretrained_cfg: fixed 224 px
+    assert names == [layer.name for layer in report.layers]
+    result = fuse_and_verify(fp32, "levit_conv_128s", 10, img_size=224, batch=1)  # refconv-fuse --img-size 224
+    assert result.max_abs_diff <= 1e-4 * result.output_scale and structural_convs(fp32)  # the trained model kept
+
+    small = torch.randn(2, 3, 64, 64)
+    with pytest.raises(RefconvError, match=r"^acb: the model's forward on a 2x3x64x64 example failed \(The size of "
+                                           r"tensor .*\); pass example= with the model's input size \(refconv-train: "
+                                           r"set data.img_size to it\)$"):
+        apply_structural(build_model("levit_conv_128s", num_classes=10, pretrained=False), "acb", example=small)
