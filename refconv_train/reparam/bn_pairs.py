@@ -1,12 +1,12 @@
 """Which conv feeds a BatchNorm directly: found by running the model, not from module names.
 
-A structural branch leaves a bias once its BatchNorm is folded. A conv without a bias can still take it exactly when
-its output goes, unchanged and nowhere else, into a BatchNorm with running statistics: that BN's running mean absorbs
-it (``transforms.absorb_bias_into_bn``). Module names cannot tell (``conv2`` -> ``bn2`` in ResNet, ``conv_dw`` ->
-``bn1`` in timm, ``features.0.0`` -> ``features.0.1`` in torchvision, LayerNorm after ConvNeXt's ``conv_dw``), so one
-eval-mode forward records it: forward hooks keep each conv's output tensor object, BN pre-hooks the input object,
-and a ``TorchFunctionMode`` counts every other op that reads a conv output (a residual add, an in-place activation
-before the BN, a feature hook): such a conv is not paired.
+The structural methods sum their branches after the BatchNorm that reads a conv's output, unchanged and nowhere else,
+as the authors' blocks do, and fold them back through that BN's statistics and affine parameters (placement.py). Which
+BN that is, module names cannot tell (``conv2`` -> ``bn2`` in ResNet, ``conv_dw`` -> ``bn1`` in timm, ``features.0.0``
+-> ``features.0.1`` in torchvision, LayerNorm after ConvNeXt's ``conv_dw``), so one eval-mode forward records it:
+forward hooks keep each conv's output tensor object, BN pre-hooks the input object, and a ``TorchFunctionMode``
+counts every other op that reads a conv output (a residual add, an in-place activation before the BN, a feature
+hook): such a conv is not paired.
 """
 
 from __future__ import annotations
