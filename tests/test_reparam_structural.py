@@ -407,3 +407,17 @@ def test_fixed_resolution_model_applies_at_its_input_size_and_fuses_without_a_fo
                                            r"tensor .*\); pass example= with the model's input size \(refconv-train: "
                                            r"set data.img_size to it\)$"):
         apply_structural(build_model("levit_conv_128s", num_classes=10, pretrained=False), "acb", example=small)
+
+
+class ScaledBN(nn.BatchNorm2d):
+    def forward(self, x):
+        return 2 * super().forward(x)  # where "after the BN" is, is not knowable from outside
+
+
+def test_a_bn_subclass_with_its_own_forward_is_skipped_with_the_reason():
+    model = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, bias=False), ScaledBN(6),
+                          nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6))
+    report = apply_structural(model, "acb", example=X)
+    assert [layer.name for layer in report.layers] == ["2"]
+    assert dict(report.skipped)["0"] == ("its BatchNorm (ScaledBN) has its own forward: where to sum the branches "
+                                         "after it is unknown")
