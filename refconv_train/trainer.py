@@ -29,7 +29,15 @@ from .config import Config, config_to_dict, save_config
 from .distributed import DistInfo, all_gather, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
 from .engine import EvalResult, LossMeter, StepSettings, evaluate, train_step
 from .errors import RefconvError
-from .factories import build_scheduler, build_sgd, build_training_model, method_of, param_groups, use_sync_bn
+from .factories import (
+    build_scheduler,
+    build_sgd,
+    build_training_model,
+    method_of,
+    param_groups,
+    to_sync_bn,
+    use_sync_bn,
+)
 from .faults import Fault
 from .fusing import fuse_and_verify, fused_outputs, write_fused
 from .per_step import PerStepTransform
@@ -110,7 +118,7 @@ class Trainer:
         model, report = build_training_model(cfg, pretrained=False if resuming else None)
         self.report = write_method_report(self.out, model, report, method_of(cfg)) if self.dist.is_main else None
         if use_sync_bn(t.sync_bn, self.dist.distributed, dev):
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = to_sync_bn(model)
         model.to(dev)
         if t.channels_last:
             model.to(memory_format=torch.channels_last)
