@@ -34,7 +34,7 @@ from .errors import RefconvError
 from .faults import Fault
 from .models import build_training_model
 from .preemption import StopOnSignal
-from .run.factories import build_scheduler, build_sgd, param_groups, use_sync_bn
+from .run.factories import build_scheduler, build_sgd, param_groups, to_sync_bn, use_sync_bn
 from .run.fusing import fuse_and_verify, fused_outputs, write_fused
 from .run_log import RunLog, write_json, write_method_report
 
@@ -100,7 +100,7 @@ class Trainer:
         self.method = methods.get(cfg.method)
         self.report = write_method_report(self.out, model, report, cfg.method) if self.dist.is_main else None
         if use_sync_bn(t.sync_bn, self.dist.distributed, dev):
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = to_sync_bn(model)
         model.to(dev)
         if t.channels_last:
             model.to(memory_format=torch.channels_last)

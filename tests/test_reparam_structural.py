@@ -21,6 +21,7 @@ from refconv_train.methods.reparam.structural import (
     fuse_structural,
     structural_convs,
 )
+from refconv_train.run.fusing import fuse_and_verify
 
 METHODS = ("acb", "repvgg", "dbb")
 
@@ -154,18 +155,53 @@ def test_a_training_step_changes_the_branches_and_the_model_still_fuses_exactly(
     assert (eval_out(model, X) - before).abs().max().item() < 1e-4
 
 
-def test_bias_goes_into_the_running_mean_of_the_bn_the_conv_feeds():
+def test_fuse_scales_the_kernel_by_sigma_over_gamma_and_puts_the_bias_into_the_bn_the_conv_feeds():
+    """The branches are summed after the conv's BN: the kernel moves before it as k * sigma / gamma, the bias into its
+    beta (a BN without affine parameters: its running mean, mu - b * sigma); a conv with a bias and no BN takes both."""
     model = bn_after(nn.Conv2d(6, 8, 3, padding=1, bias=False))
     report = apply_structural(model, "repvgg", example=X)
-    assert report.layers[0].detail.endswith("bias -> 1.running_mean")
+    assert report.layers[0].detail.endswith("summed after 1, bias -> 1.bias")
     perturb_branches(model)
-    mean = model[1].running_mean.clone()
+    weight, beta, mean = model[0].weight.clone(), model[1].bias.clone(), model[1].running_mean.clone()
     kernel, bias = model[0].rep_branches.kernel_bias()
-    fuse_structural(model, example=X)
-    assert model[0].bias is None
-    torch.testing.assert_close(model[1].running_mean, mean - bias)
+    sigma = (model[1].running_var + model[1].eps).sqrt()
+    fuse_structural(model)
+    assert model[0].bias is None and torch.equal(model[1].running_mean, mean)
+    torch.testing.assert_close(model[0].weight, weight + kernel * (sigma / model[1].weight.detach()).view(-1, 1, 1, 1))
+    torch.testing.assert_close(model[1].bias.detach(), beta + bias)
+
+    plain = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, affine=False)).double()
+    apply_structural(plain, "acb", example=X.double())
+    perturb_branches(plain)
+    mean, sigma = plain[1].running_mean.clone(), (plain[1].running_var + plain[1].eps).sqrt()
+    _, bias = plain[0].rep_branches.kernel_bias()
+    before = eval_out(plain, X.double())
+    fuse_structural(plain)
+    torch.testing.assert_close(plain[1].running_mean, mean - bias * sigma)
+    assert (eval_out(plain, X.double()) - before).abs().max().item() < 1e-12
+
     biased = apply_structural(bn_after(nn.Conv2d(6, 8, 3, padding=1, bias=True)), "repvgg", example=X)
-    assert biased.layers[0].detail.endswith("bias -> conv.bias")
+    assert biased.layers[0].detail.endswith("summed after 1, bias -> 1.bias")
+    alone = apply_structural(nn.Sequential(nn.Conv2d(6, 8, 3, padding=1)), "repvgg", example=X)
+    assert alone.layers[0].detail.endswith("summed on the conv output, bias -> conv.bias")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_zero_gamma_fuses_while_its_branches_are_zero_and_is_a_one_line_error_once_they_are_not(method):
+    """timm's zero_init_last starts a from-scratch ResNet block's last BN at gamma 0: the conv before it cannot carry
+    anything summed after it, so k * sigma / gamma must be an error, not inf/nan in the weights."""
+    model = two_convs()
+    with torch.no_grad():
+        model[1].weight[3] = 0.0
+    apply_structural(model, method, example=X)  # branch_scale 0: the branch kernel is zero, nothing to carry
+    fuse_structural(copy.deepcopy(model))
+    perturb_branches(model)
+    with torch.no_grad():
+        model[1].weight[3] = 0.0
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(RefconvError, match=r"cannot fuse 0: its BatchNorm 1 has gamma 0 in channel 3, too small"):
+        fuse_structural(model)
+    assert structural_convs(model) and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 class Residual(nn.Module):
@@ -338,3 +374,50 @@ def test_strided_1x1_branch_on_a_3_channel_stem_trains_channels_last(method):
     proc = subprocess.run([sys.executable, "-c", STRIDED_STEM, method], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"status {proc.returncode}: {proc.stderr[-500:]}"
     assert float(proc.stdout) < 1e-4  # the same weight gradient as in NCHW (fp32 sums in another order)
+
+
+def test_fixed_resolution_model_applies_at_its_input_size_and_fuses_without_a_forward():
+    """levit_conv_128s only runs at 224 px: the fuse used to run its own 64 px pairing forward and crash. The pairs
+    are now stored at apply; apply without example= takes timm's fixed input size, and a wrong size is one line."""
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model = build_model("levit_conv_128s", num_classes=10, pretrained=False).double()
+    report = apply_structural(model, "acb", example=x)
+    assert len(report.layers) == 4 and report.start_max_abs_diff == 0.0
+    perturb_branches(model)
+    before = eval_out(model, x)
+
+    def no_forward(*_):
+        raise AssertionError("the fuse ran a forward")
+
+    handle = model.register_forward_pre_hook(no_forward)
+    assert len(fuse_structural(model, example=torch.randn(1, 3, 64, 64))) == 4  # example: accepted, ignored
+    handle.remove()
+    fresh = build_model("levit_conv_128s", num_classes=10, pretrained=False).double()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert (eval_out(fresh, x) - before).abs().max().item() <= 1e-10 * max(1.0, before.abs().max().item())
+
+    fp32 = build_model("levit_conv_128s", num_classes=10, pretrained=False)
+    names = [layer.name for layer in apply_structural(fp32, "acb").layers]  # pretrained_cfg: fixed 224 px
+    assert names == [layer.name for layer in report.layers]
+    result = fuse_and_verify(fp32, "levit_conv_128s", 10, img_size=224, batch=1)  # refconv-fuse --img-size 224
+    assert result.max_abs_diff <= 1e-4 * result.output_scale and structural_convs(fp32)  # the trained model kept
+
+    small = torch.randn(2, 3, 64, 64)
+    with pytest.raises(RefconvError, match=r"^acb: the model's forward on a 2x3x64x64 example failed \(The size of "
+                                           r"tensor .*\); pass example= with the model's input size \(refconv-train: "
+                                           r"set data.img_size to it\)$"):
+        apply_structural(build_model("levit_conv_128s", num_classes=10, pretrained=False), "acb", example=small)
+
+
+class ScaledBN(nn.BatchNorm2d):
+    def forward(self, x):
+        return 2 * super().forward(x)  # where "after the BN" is, is not knowable from outside
+
+
+def test_a_bn_subclass_with_its_own_forward_is_skipped_with_the_reason():
+    model = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, bias=False), ScaledBN(6),
+                          nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6))
+    report = apply_structural(model, "acb", example=X)
+    assert [layer.name for layer in report.layers] == ["2"]
+    assert dict(report.skipped)["0"] == ("its BatchNorm (ScaledBN) has its own forward: where to sum the branches "
+                                         "after it is unknown")

@@ -151,3 +151,41 @@ def test_merge_1x1_then_per_channel_kxk_equals_the_grouped_merge_and_the_explici
     grouped = T.merge_1x1_kxk(*fold(k1, bn1), *fold(T.avg_pool_kernel(8, (3, 3), groups), bn2), groups)
     for a, b in zip(T.merge_1x1_depthwise(*fold(k1, bn1), *fold(pool, bn2)), grouped):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_bn_zero_value_is_what_an_eval_batchnorm_outputs_for_a_zero_pixel():
+    bn = random_bn(5)
+    zero = batch_norm(torch.zeros(1, 5, 2, 2), bn)
+    value = T.bn_zero_value(bn["mean"], bn["var"], bn["gamma"], bn["beta"], 1e-5)
+    torch.testing.assert_close(value.view(1, 5, 1, 1).expand(1, 5, 2, 2), zero, atol=1e-6, rtol=0)
+    torch.testing.assert_close(T.bn_zero_value(bn["mean"], bn["var"], None, None, 1e-5),
+                               -bn["mean"] / (bn["var"] + 1e-5).sqrt())
+
+
+@pytest.mark.parametrize("pad", [(1, 1, 1, 1), (0, 1, 2, 0), (-1, 1, 0, -1), (-1, -1, 0, 0), (0, 0, 0, 0)])
+def test_pad_with_fills_the_border_with_the_value_and_keeps_the_inside_bit_for_bit(pad):
+    """Against DBB's BNAndPadLayer: pad with zeros, then write the value into the border rows and columns."""
+    x = torch.randn(2, 3, 5, 6, generator=gen())
+    value = torch.randn(3, generator=gen(2))
+    left, right, top, bottom = (max(p, 0) for p in pad)
+    expected = F.pad(x, pad)
+    h, w = expected.shape[-2:]
+    v = value.view(1, 3, 1, 1)
+    expected[:, :, :top, :], expected[:, :, h - bottom:, :] = v, v
+    expected[:, :, :, :left], expected[:, :, :, w - right:] = v, v
+    assert torch.equal(T.pad_with(x, pad, value), expected)
+
+
+def test_kernel_before_bn_moves_a_conv_added_after_an_eval_batchnorm_to_before_it():
+    x = torch.randn(2, 4, 7, 7, generator=gen(), dtype=torch.float64)
+    w, k = (torch.randn(4, 4, 3, 3, generator=gen(s), dtype=torch.float64) for s in (2, 3))
+    bn = {key: v.double() for key, v in random_bn(4).items()}
+    after = batch_norm(F.conv2d(x, w, padding=1), bn) + F.conv2d(x, k, padding=1)
+    moved = T.kernel_before_bn(k, bn["var"], bn["gamma"], 1e-5)
+    torch.testing.assert_close(batch_norm(F.conv2d(x, w + moved, padding=1), bn), after, atol=1e-12, rtol=0)
+    gamma = bn["gamma"].clone()
+    gamma[1] = 0.0
+    k[2] = 0.0
+    gamma[2] = 0.0
+    moved = T.kernel_before_bn(k, bn["var"], gamma, 1e-5)
+    assert torch.isinf(moved[1]).any() and torch.equal(moved[2], torch.zeros_like(moved[2]))  # caller checks channel 1

@@ -1,5 +1,6 @@
 """refconv-train end to end on generated data: baseline -> refocus -> fused, schedule, resume, DDP, bad input."""
 
+import copy
 import math
 import os
 import re
@@ -110,6 +111,21 @@ def test_sync_bn_is_used_only_with_several_cuda_processes_and_refused_on_cpu():
     with pytest.raises(RefconvError, match="train.sync_bn=false") as exc:
         use_sync_bn(True, True, cpu)
     assert "\n" not in str(exc.value)
+
+
+def test_sync_bn_conversion_keeps_timms_fused_activations():
+    """timm's BatchNormAct2d holds its activation: torch's converter turned it into a plain SyncBatchNorm and dropped
+    it. Eval mode (running statistics) needs no process group, so the converted model must compute the same."""
+    import timm
+
+    from refconv_train.run.factories import to_sync_bn
+
+    model = timm.create_model("mobilenetv2_050", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    synced = to_sync_bn(copy.deepcopy(model)).eval()
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    torch.testing.assert_close(synced(x), expected)
 
 
 def test_lr_schedule_warms_up_then_cosine_per_step():

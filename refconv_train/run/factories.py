@@ -5,6 +5,7 @@ the trainer."""
 from __future__ import annotations
 
 import torch
+from timm.layers import convert_sync_batchnorm
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
@@ -39,6 +40,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_
         optimizer, t_initial=max(optim.epochs * steps_per_epoch, 1), lr_min=optim.min_lr,
         warmup_t=optim.warmup_epochs * steps_per_epoch, warmup_lr_init=peak * optim.warmup_start_factor,
         warmup_prefix=True, t_in_epochs=False)
+
+
+def to_sync_bn(model: nn.Module) -> nn.Module:
+    """Every BatchNorm as a SyncBatchNorm, through timm's converter: torch's turns timm's ``BatchNormAct2d`` into a
+    plain ``SyncBatchNorm`` and silently drops the activation (and drop) fused into it."""
+    return convert_sync_batchnorm(model)
 
 
 def use_sync_bn(sync_bn: bool, distributed: bool, device: torch.device) -> bool:

@@ -1,12 +1,12 @@
 """Which conv feeds a BatchNorm directly: found by running the model, not from module names.
 
-A structural branch leaves a bias once its BatchNorm is folded. A conv without a bias can still take it exactly when
-its output goes, unchanged and nowhere else, into a BatchNorm with running statistics: that BN's running mean absorbs
-it (``transforms.absorb_bias_into_bn``). Module names cannot tell (``conv2`` -> ``bn2`` in ResNet, ``conv_dw`` ->
-``bn1`` in timm, ``features.0.0`` -> ``features.0.1`` in torchvision, LayerNorm after ConvNeXt's ``conv_dw``), so one
-eval-mode forward records it: forward hooks keep each conv's output tensor object, BN pre-hooks the input object,
-and a ``TorchFunctionMode`` counts every other op that reads a conv output (a residual add, an in-place activation
-before the BN, a feature hook): such a conv is not paired.
+The structural methods sum their branches after the BatchNorm that reads a conv's output, unchanged and nowhere else,
+as the authors' blocks do, and fold them back through that BN's statistics and affine parameters (placement.py). Which
+BN that is, module names cannot tell (``conv2`` -> ``bn2`` in ResNet, ``conv_dw`` -> ``bn1`` in timm, ``features.0.0``
+-> ``features.0.1`` in torchvision, LayerNorm after ConvNeXt's ``conv_dw``), so one eval-mode forward records it:
+forward hooks keep each conv's output tensor object, BN pre-hooks the input object, and a ``TorchFunctionMode``
+counts every other op that reads a conv output (a residual add, an in-place activation before the BN, a feature
+hook): such a conv is not paired.
 """
 
 from __future__ import annotations
@@ -42,11 +42,20 @@ class _UseCounter(TorchFunctionMode):
         return out
 
 
+def model_example(model: nn.Module) -> torch.Tensor:
+    """Seeded random images for the pairing forward: at the model's own input size where it has a fixed one (timm's
+    ``pretrained_cfg`` with ``fixed_input_size``: LeViT, CoAtNet, ...), else 64 px (``protocol.example_input``), which
+    every other model takes and which keeps the forward cheap."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") if cfg.get("fixed_input_size") else None
+    return example_input(model) if not size else example_input(model, size=int(size[-1]))
+
+
 def find_bn_pairs(model: nn.Module, convs: Iterable[str] | None = None,
                   example: torch.Tensor | None = None) -> dict[str, str]:
     """Conv name -> name of the BatchNorm it feeds directly, for the named convs (default: every ``nn.Conv2d``).
 
-    A pair needs, over one eval-mode forward on ``example`` (default :func:`protocol.example_input`): every call of
+    A pair needs, over one eval-mode forward on ``example`` (default :func:`model_example`): every call of
     the conv returns a tensor that the same BN (a ``_BatchNorm`` with running statistics) takes as its input and
     that no other op reads, and every call of that BN takes such an output. The model's mode is restored.
     """
@@ -86,7 +95,7 @@ def bn_pairs_and_output(model: nn.Module, convs: Iterable[str] | None = None,
     mode = model.training
     model.eval()
     try:
-        x = example_input(model) if example is None else example
+        x = model_example(model) if example is None else example
         with _UseCounter(watched):
             out = model(x)
     finally:

@@ -105,3 +105,33 @@ def absorb_bias_into_bn(running_mean: Tensor, bias: Tensor) -> Tensor:
     """A bias ``b`` added before an eval-mode BatchNorm equals a BatchNorm with running mean ``mu - b``, exactly:
     ``(y + b - mu) / std = (y - (mu - b)) / std`` (train mode subtracts the batch mean: ``b`` vanishes either way)."""
     return running_mean - bias
+
+
+def bn_zero_value(mean: Tensor, var: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float) -> Tensor:
+    """What an eval-mode BatchNorm outputs for a zero input, per channel: ``beta - mean * gamma / std``. DBB pads
+    after its inner BN with this value (``BNAndPadLayer``), which is what makes :func:`merge_1x1_kxk` exact."""
+    return fold_bn(torch.zeros_like(mean).reshape(-1, 1, 1, 1), mean, var, gamma, beta, eps)[1]
+
+
+def pad_with(x: Tensor, pad: tuple[int, int, int, int], value: Tensor) -> Tensor:
+    """``F.pad(x, pad)`` (``left, right, top, bottom``; negative amounts crop) with the new border holding the
+    per-channel ``value`` instead of zeros; the inside is ``x`` bit for bit."""
+    if not any(pad):
+        return x
+    padded = torch.nn.functional.pad(x, pad)
+    if max(pad) <= 0:
+        return padded
+    border = torch.nn.functional.pad(x.new_zeros(1, 1, *x.shape[-2:]), pad, value=1.0)
+    return padded + value.to(x.dtype).reshape(1, -1, 1, 1) * border
+
+
+def kernel_before_bn(kernel: Tensor, var: Tensor, gamma: Tensor | None, eps: float) -> Tensor:
+    """A kernel whose conv is added AFTER an eval-mode BatchNorm, as a kernel added to the conv BEFORE it:
+    ``gamma (y + conv(x, k') - mu) / std + beta = BN(y) + conv(x, k)`` for ``k' = k * std / gamma`` (per output
+    channel). Zero entries stay zero whatever gamma is; a non-zero one over ``gamma = 0`` comes out inf or nan: no
+    kernel before the BN can reach the output there, the caller checks."""
+    scale = (var + eps).sqrt()
+    if gamma is not None:
+        scale = scale / gamma
+    moved = kernel * scale.reshape(-1, 1, 1, 1)
+    return torch.where(kernel == 0, torch.zeros_like(moved), moved)

@@ -1,21 +1,28 @@
 """ACB, RepVGG and DBB as extra branches on any pretrained model's spatial convs, fused back exactly.
 
 The conv keeps its own module, class, parameters and padding logic (timm's dynamic "same" padding included). Its
-branches live in ``conv.rep_branches`` (a :class:`RepBranches`) and a forward hook, the module-level function
-:func:`_add_branches`, adds their sum to the conv's output: state dicts, deep copies (EMA), pickling and SyncBN
-conversion see ordinary modules. Each branch reads the conv's input zero-padded for its kernel's place inside the
-conv's ``kh x kw`` frame (``transforms.branch_padding``), so it is aligned with the conv's output by construction.
+branches live in ``conv.rep_branches`` (a :class:`RepBranches`) and are summed where the authors' blocks sum them:
+after the conv's own BatchNorm, ``BN(conv x) + sum_b BN_b(branch_b x)`` (placement.py: forward hooks on the conv and
+its BN), or on the conv's output for a conv that feeds no BatchNorm but has a bias. State dicts, deep copies (EMA),
+pickling and SyncBN conversion see ordinary modules. Each branch reads the conv's input padded for its kernel's place
+inside the conv's ``kh x kw`` frame (``transforms.branch_padding``), so it is aligned with the conv's output by
+construction.
+
+The conv -> BN pairs come from one hooked eval-mode forward at apply (``bn_pairs``, never from names), on ``example``
+or, without one, on random images at the model's fixed input size (timm's ``pretrained_cfg``) or 64 px; a forward that
+fails there is a one-line error. The pairs are stored on the branches, so the fuse runs no forward.
 
 Exact start: each branch's LAST BatchNorm starts with ``gamma = branch_scale`` (default 0) and ``beta = 0``, so every
 branch outputs exact zeros in train and eval mode and the model starts at the pretrained function, while ``gamma``
 still receives a gradient (zero-init of the last BN, as in DBB's ``single_init`` / Goyal et al.'s zero-init residual).
 Zeroing a conv instead would leave a train-mode BN normalizing a constant. All other branch layers keep the papers'
 inits: PyTorch's default conv init, BN ``gamma = 1``, DBB's identity-based ``1x1`` (a learned delta on the identity,
-starting at 0). From scratch, ``branch_scale=1.0`` is the papers' default.
+starting at 0). ``branch_scale=1.0`` is the papers' block from scratch.
 
-Fusing folds every branch into ``conv.weight``; the branches' bias goes into ``conv.bias`` or, for a conv without one,
-into the running mean of the BatchNorm that the conv feeds directly (``bn_pairs.find_bn_pairs``); then the submodule
-and the hook go: the original architecture, loadable strictly into a freshly built model.
+Fusing folds every branch into ``conv.weight`` (scaled by sigma / gamma of the conv's BN where the sum comes after
+it); the branches' bias goes into that BN's beta (its running mean for a BN without affine parameters) or into
+``conv.bias``; then the submodule and the hooks go: the original architecture, loadable strictly into a freshly built
+model.
 """
 
 from __future__ import annotations
@@ -26,10 +33,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ...errors import RefconvError
-from ..protocol import ReparamReport, eval_outputs, example_input, layer_info, nothing_changed, spatial_targets
+from ..protocol import ReparamReport, eval_outputs, layer_info, nothing_changed, spatial_targets
 from . import kernel_algebra as T
-from .bn_pairs import bn_pairs_and_output, find_bn_pairs
-from .branches import AvgBranch, ConvBN, IdentityBN, OneByOneKxK, RepBranches, _add_branches
+from .bn_pairs import bn_pairs_and_output, model_example
+from .branches import AvgBranch, ConvBN, IdentityBN, OneByOneKxK, RepBranches
+from .placement import attach, cannot_sum_after, folding
 
 METHODS = ("acb", "repvgg", "dbb")
 _KNOWN_FORWARDS = (nn.Conv2d.forward, Conv2dSame.forward, Conv2dSameExport.forward)
@@ -62,7 +70,8 @@ def make_branches(conv: nn.Conv2d, method: str, bias_to: str) -> tuple[RepBranch
         rep.add_module("avg", AvgBranch(conv, with_conv=not depthwise))
         rep.add_module("conv1x1_kxk", OneByOneKxK(conv, depthwise))
         text = "avg + 1x1(2x channels)-kxk branches (depthwise)" if depthwise else "1x1 + 1x1-avg + 1x1-kxk branches"
-    return rep.to(conv.weight.device, conv.weight.dtype), f"{text}, bias -> {bias_to}"
+    where = f"after {bias_to.rsplit('.', 1)[0]}" if bias_to != "conv.bias" else "on the conv output"
+    return rep.to(conv.weight.device, conv.weight.dtype), f"{text}, summed {where}, bias -> {bias_to}"
 
 
 def _reason_to_skip(conv: nn.Conv2d, method: str) -> str | None:
@@ -101,25 +110,39 @@ def apply_structural(model: nn.Module, method: str, exclude=(), branch_scale: fl
 
     targets, skipped = spatial_targets(model, method, exclude, is_taken=taken)
     skipped = [(n, why) for n, why in skipped if ".rep_branches." not in f".{n}."]
-    x = example_input(model) if example is None else example
-    no_bias = [n for n, c in targets if c.bias is None]
-    pairs, before = bn_pairs_and_output(model, no_bias, x) if no_bias else ({}, eval_outputs(model, x))
+    x = model_example(model) if example is None else example
+    try:
+        pairs, before = bn_pairs_and_output(model, [n for n, _ in targets], x)
+    except RefconvError:
+        raise
+    except Exception as e:  # the model's own error, often several lines: one line, and the fix
+        shape = "x".join(map(str, x.shape))
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RefconvError(f"{method}: the model's forward on a {shape} example failed ({why}); pass example= with the "
+                           f"model's input size (refconv-train: set data.img_size to it)") from e
+    modules = dict(model.named_modules())
     report = ReparamReport(method)
     for name, conv in targets:
         why = _reason_to_skip(conv, method)
+        if why is None and name in pairs:
+            why = cannot_sum_after(modules[pairs[name]])
         if why is None and conv.bias is None and name not in pairs:
             why = NO_BIAS_SINK
         if why is not None:
             skipped.append((name, why))
             continue
-        sink = "conv.bias" if conv.bias is not None else f"{pairs[name]}.running_mean"
+        site, sink = None, "conv.bias"
+        if name in pairs:  # summed after the conv's own BN, as in the authors' blocks
+            bn = pairs[name]
+            parent, _, key = bn.rpartition(".")
+            site = (modules[parent], key, bn)
+            sink = f"{bn}.bias" if modules[bn].bias is not None else f"{bn}.running_mean"
         rep, detail = make_branches(conv, method, sink)
         with torch.no_grad():
             for branch in rep.children():
                 branch.last_bn().weight.fill_(branch_scale)
                 branch.last_bn().bias.zero_()
-        conv.rep_branches = rep
-        conv.register_forward_hook(_add_branches)
+        attach(conv, rep, site)
         report.layers.append(layer_info(name, conv, sum(p.numel() for p in rep.parameters() if p.requires_grad),
                                         detail))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -137,31 +160,13 @@ def structural_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
     return {n: m for n, m in model.named_modules() if isinstance(getattr(m, "rep_branches", None), RepBranches)}
 
 
-@torch.no_grad()
 def fuse_structural(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
-    """Fold every conv's branches into its weight and bias sink (conv bias, else the following BN's running mean),
-    remove them and their hook, in place; returns the fused conv names. Idempotent. ``example``: the input of the
-    conv -> BN forward (default ``protocol.example_input``); nothing changes if any bias has no sink."""
+    """Fold every conv's branches into its weight and bias sink (its BN's beta or running mean, else its bias), remove
+    them and their hooks, in place; returns the fused conv names. Idempotent. No forward runs: the pairs were found
+    at apply (``example`` is accepted for older callers and ignored). Nothing changes when any conv cannot fuse."""
     convs = structural_convs(model)
-    no_bias = [n for n, c in convs.items() if c.bias is None]
-    pairs = find_bn_pairs(model, no_bias, example) if no_bias else {}
-    lost = [n for n in no_bias if n not in pairs]
-    if lost:
-        raise RefconvError(f"cannot fuse {', '.join(lost)}: {NO_BIAS_SINK} (the model changed since apply?)")
     if any(parametrize.is_parametrized(c, "weight") for c in convs.values()):
         raise RefconvError("fuse the weight parametrizations (RefConv, WN) of structural convs before their branches")
-    modules = dict(model.named_modules())
-    for name, conv in convs.items():
-        kernel, bias = conv.rep_branches.kernel_bias()
-        conv.weight.add_(kernel.to(conv.weight.dtype))
-        if conv.bias is not None:
-            conv.bias.add_(bias.to(conv.bias.dtype))
-        else:
-            bn = modules[pairs[name]]
-            bn.running_mean.copy_(T.absorb_bias_into_bn(bn.running_mean.to(bias.dtype), bias))
-        for key in [k for k, fn in conv._forward_hooks.items() if fn is _add_branches]:
-            del conv._forward_hooks[key]
-            conv._forward_hooks_with_kwargs.pop(key, None)
-            conv._forward_hooks_always_called.pop(key, None)
-        del conv.rep_branches
+    for fold in [folding(conv, name) for name, conv in convs.items()]:
+        fold()
     return list(convs)
