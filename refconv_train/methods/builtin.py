@@ -85,7 +85,7 @@ register(Method("refconv", apply=_apply_refconv, fuse=rc.fuse_refocus, convs=rc.
                 options=RefconvOptions, param_groups=lambda m, o: rc.refocus_param_groups(m, o.step_norm,
                                                                                            o.weight_decay),
                 per_step=_refconv_per_step, check=_refconv_check, title="RefConv", kind="refocus",
-                extra={"fuse_state_dict": rc.fuse_state_dict},
+                fuse_state_dict=rc.fuse_state_dict,
                 paper="RefConv: re-parameterized refocusing convolution (Cai et al., 2023)"))
 
 

@@ -14,7 +14,9 @@ A method is a small duck-typed interface, the same for RefConv, the paper's comp
 - ``param_groups(model, options)`` (default: one group of every trainable parameter) and
   ``per_step(model, options, distributed)`` (default none): an object whose ``step()`` context wraps each optimizer
   step (RefConv computes ``W_t`` once per step there);
-- ``check(options, pretrained)`` (optional): a config-level check of the start (RefConv refuses random kernels).
+- ``check(options, pretrained)`` (optional): a config-level check of the start (RefConv refuses random kernels);
+- ``fuse_state_dict(state) -> state`` (optional): fold the method's keys of a bare state dict without building the
+  model (RefConv's W_b / W_r pairs), for weight files that are not our training checkpoints.
 
 Methods from outside the package register with :func:`register`, from a module named in the config's top-level
 ``plugins:`` list (imported before the config is read) or from a ``refconv_train.methods`` entry point.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -54,6 +56,10 @@ def no_check(options: Any, pretrained: Any) -> None:
     return None
 
 
+def keep_state_dict(state: dict) -> dict:
+    return state
+
+
 @dataclass(frozen=True)
 class Method:
     """One registry entry. ``title``: the name in messages (``RefConv``); ``kind``: what a restored training
@@ -67,10 +73,10 @@ class Method:
     param_groups: Callable[..., list[dict]] = plain_param_groups
     per_step: Callable[..., Any] = no_per_step
     check: Callable[[Any, Any], None] = no_check
+    fuse_state_dict: Callable[[dict], dict] = keep_state_dict
     title: str = ""
     kind: str = ""
     paper: str = ""
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "title", self.title or self.name.upper())

@@ -55,8 +55,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return model.state_dict()
     state = state_dict_of(obj, path)
     for method in methods.registered():
-        fold = method.extra.get("fuse_state_dict")
-        state = fold(state) if fold is not None else state
+        state = method.fuse_state_dict(state)
     return state
 
 
