@@ -163,6 +163,9 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (``section.key=value``), validated."""
     cfg = Config()
     overrides = [overrides] if isinstance(overrides, str) else overrides
+    for item in overrides:  # plugins=[...] first: the file may hold the section of a method it registers
+        if item.partition("=")[0].strip() == "plugins":
+            parse_override(item)
     if path is not None:
         try:
             text = Path(path).read_text(encoding="utf-8")

@@ -26,6 +26,7 @@ from refconv_train.cli import eval as eval_cli
 from refconv_train.cli import fuse as fuse_cli
 from refconv_train.cli import study as study_cli
 from refconv_train.cli import train as train_cli
+from refconv_train.config import load_config
 from refconv_train.errors import RefconvError
 from refconv_train.methods.modules import bake_weight, compile_patterns
 from refconv_train.methods.protocol import ReparamReport, layer_info
@@ -126,6 +127,12 @@ def test_a_refconv_train_methods_entry_point_registers_its_method(monkeypatch):
         assert methods.get("viaep").apply is METHOD.apply and groups == ["refconv_train.methods"]
     finally:
         registry._REGISTRY.pop("viaep", None)
+
+
+def test_plugins_on_the_command_line_come_before_the_file_s_sections(tmp_path):
+    (tmp_path / "c.yaml").write_text("method: filterscale\nfilterscale:\n  init: 2.0\n")
+    cfg = load_config(tmp_path / "c.yaml", [f"plugins=[{PLUGIN}]", "model.pretrained=false"])
+    assert (cfg.method, cfg.method_options.init, cfg.plugins) == ("filterscale", 2.0, [PLUGIN])
 
 
 def test_a_config_naming_a_module_that_cannot_be_imported_is_one_line(tiny_runs, tmp_path):
