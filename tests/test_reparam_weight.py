@@ -194,7 +194,7 @@ def test_skips_excluded_1x1_and_foreign_parametrized_convs_with_the_reason():
     report = apply_weight_reparam(model, "own", exclude=[r"^3$"], own_group=4)
     assert [layer.name for layer in report.layers] == ["0"]
     assert "2 groups of 4" in report.layers[0].detail  # fan-in 27, 8 rows, own_group=4
-    assert dict(report.skipped) == {"1": "1x1", "2": "already re-parameterized", "3": "excluded by '^3$'"}
+    assert dict(report.skipped) == {"1": "1x1", "2": "weight already parametrized", "3": "excluded by '^3$'"}
     assert list(weight_reparam_convs(model)) == ["0"]
     assert fuse_weight(model) == ["0"]  # the foreign parametrization is left alone
     assert parametrize.is_parametrized(model[2], "weight")

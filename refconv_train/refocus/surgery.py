@@ -93,6 +93,8 @@ def refocus_model(
 ) -> RefocusReport:
     """Inject RefConv in place into every ``nn.Conv2d`` (subclasses included) whose kernel is at least ``map_k``.
 
+    A model that already holds a re-parameterization (RefConv, ACB, ..., OWN) is refused: one method per model; a
+    conv whose weight carries someone else's parametrization is skipped.
     ``exclude``: regular expressions searched in module names; matching convs are left alone. ``base``: ``frozen``
     (paper) or ``trainable``; ``base_init``: ``pretrained`` (paper) or ``random`` (the paper's Fig. 5 ablations).
     With ``base_init="pretrained"`` the kernels must have been trained: an all-zero one (a dead layer) is an error,

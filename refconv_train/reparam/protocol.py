@@ -70,7 +70,8 @@ class ReparamReport:
 def spatial_targets(model: nn.Module, method: str, exclude: Iterable[str] = (),
                     is_taken=lambda conv: False) -> tuple[list[tuple[str, nn.Conv2d]], list[tuple[str, str]]]:
     """Every ``nn.Conv2d`` (subclasses included) with a kernel larger than 1x1, by module name, minus those matched
-    by an ``exclude`` regular expression and those ``is_taken`` says another re-parameterization already holds.
+    by an ``exclude`` regular expression and those ``is_taken`` says are already changed (someone else's
+    parametrization).
     Returns ``(targets, skipped)``; skipped 1x1 convs are listed with their reason. Warns about unused patterns.
     A model that already holds one of our re-parameterizations is refused (:func:`refuse_another_method`)."""
     refuse_another_method(model, method)
@@ -85,7 +86,7 @@ def spatial_targets(model: nn.Module, method: str, exclude: Iterable[str] = (),
         if hits:
             skipped.append((name, f"excluded by {hits[0]!r}"))
         elif is_taken(module):
-            skipped.append((name, "already re-parameterized"))
+            skipped.append((name, "weight already parametrized"))  # not by us: refused above
         elif tuple(module.kernel_size) == (1, 1):
             skipped.append((name, "1x1"))
         else:

@@ -134,8 +134,8 @@ class OrthogonalWeightNorm(_CachedInEval):
 def apply_weight_reparam(model: nn.Module, method: str, exclude: Iterable[str] = (), own_group: int = 0,
                          example: torch.Tensor | None = None) -> protocol.ReparamReport:
     """Parametrize, in place, the weight of every spatial conv (kernel > 1x1) with ``method`` (``wn``, ``cwn``,
-    ``own``), except those matched by an ``exclude`` regular expression, already re-parameterized (RefConv, another
-    weight method) or carrying structural branches (``rep_branches``).
+    ``own``), except those matched by an ``exclude`` regular expression or whose weight carries someone else's
+    parametrization. A model holding RefConv or another method is refused (one method per model).
 
     ``own_group``: OWN's maximum group size (0 = ``fan_in - 1``; larger values are capped there per conv).
     ``example``: the input on which the start is measured (default :func:`protocol.example_input`). Raises
