@@ -63,7 +63,8 @@ def test_refconv_after_dbb_leaves_the_branch_convs_alone():
 
 
 def test_refconv_names_why_nothing_could_be_refocused():
-    with pytest.raises(RefconvError, match=r"\(2 smaller than map_k=5\): use a smaller odd map_k$"):
+    with pytest.raises(RefconvError, match=r"\(map_k=5 is larger than all 2 spatial kernels\): use a smaller odd "
+                                           r"map_k$"):
         refocus_model(net(), map_k=5, check_base=False)
     with pytest.raises(RefconvError, match=r"\(1 smaller than map_k=5, 1 excluded\): use a smaller odd map_k or "
                                            r"fewer excludes$"):

@@ -154,8 +154,10 @@ def refocus_model(
 def _nothing_hint(skipped: list[tuple[str, str]], map_k: int) -> str:
     """Why no conv was refocused, and what to change: only the advice that applies."""
     count = {what: sum(why.startswith(what) for _, why in skipped) for what in ("kernel", "excluded", "weight")}
-    seen = [f"{n} {what}" for n, what in ((count["kernel"], f"smaller than map_k={map_k}"),
-                                           (count["excluded"], "excluded"), (count["weight"], "parametrized")) if n]
+    small = f"map_k={map_k} is larger than all {count['kernel']} spatial kernels" if not (
+        count["excluded"] or count["weight"]) else f"{count['kernel']} smaller than map_k={map_k}"
+    seen = [text for n, text in ((count["kernel"], small), (count["excluded"], f"{count['excluded']} excluded"),
+                                 (count["weight"], f"{count['weight']} parametrized")) if n]
     fixes = [fix for n, fix in ((count["kernel"], "use a smaller odd map_k"), (count["excluded"], "fewer excludes"),
                                 (count["weight"], "remove the other weight parametrizations")) if n]
     if not seen:
