@@ -14,6 +14,7 @@ from .errors import RefconvError
 from .factories import build_training_model, method_of
 from .models import build_model, load_state_dict_checked
 from .reparam import fuse_reparam
+from .state_dicts import with_versions
 
 
 @dataclass
@@ -87,7 +88,7 @@ def _classifier_outputs(state: dict) -> int:
 
 def _load_strict(model: nn.Module, state: dict, path) -> None:
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(with_versions(state, model), strict=True)  # files from before versions were kept
     except RuntimeError as e:
         raise RefconvError(f"'{path}' does not fit its own architecture ({str(e).splitlines()[0]}); "
                            f"the file is damaged or was edited") from None

@@ -93,6 +93,8 @@ def refocus_model(
 ) -> RefocusReport:
     """Inject RefConv in place into every ``nn.Conv2d`` (subclasses included) whose kernel is at least ``map_k``.
 
+    A model that already holds a re-parameterization (RefConv, ACB, ..., OWN) is refused: one method per model; a
+    conv whose weight carries someone else's parametrization is skipped.
     ``exclude``: regular expressions searched in module names; matching convs are left alone. ``base``: ``frozen``
     (paper) or ``trainable``; ``base_init``: ``pretrained`` (paper) or ``random`` (the paper's Fig. 5 ablations).
     With ``base_init="pretrained"`` the kernels must have been trained: an all-zero one (a dead layer) is an error,
@@ -101,18 +103,23 @@ def refocus_model(
     Returns a :class:`RefocusReport`; raises :class:`RefconvError` on bad arguments or when nothing is eligible.
     """
     _check_args(map_k, init, base, base_init)
+    from ..reparam.protocol import refuse_another_method  # reparam imports this package: import at call time
+
+    refuse_another_method(model, "refconv")
     patterns = compile_patterns(exclude, "refocus")
     used_patterns: set[str] = set()
     report = RefocusReport(map_k=map_k)
     targets: list[tuple[str, nn.Conv2d]] = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Conv2d) or parametrize.is_parametrized(module, "weight"):
+        if not isinstance(module, nn.Conv2d):
             continue
         kh, kw = module.kernel_size
         hits = [p.pattern for p in patterns if p.search(name)]
         if hits:
             used_patterns.update(hits)
             report.skipped.append((name, f"excluded by {hits[0]!r}"))
+        elif parametrize.is_parametrized(module, "weight"):
+            report.skipped.append((name, "weight already parametrized"))  # not by us: refused above
         elif kh == 1 and kw == 1:
             report.skipped.append((name, "1x1"))
         elif kh < map_k or kw < map_k:
@@ -134,9 +141,7 @@ def refocus_model(
         if pattern.pattern not in used_patterns:
             warnings.warn(f"refocus exclude pattern {pattern.pattern!r} matches no convolution", stacklevel=2)
     if not report.layers:
-        too_small = [n for n, why in report.skipped if why.startswith("kernel")]
-        hint = f" (map_k={map_k} is larger than all {len(too_small)} spatial kernels)" if too_small else ""
-        raise RefconvError(f"refocus found no convolution to refocus{hint}: use a smaller odd map_k or fewer excludes")
+        raise RefconvError(f"refocus found no convolution to refocus{_nothing_hint(report.skipped, map_k)}")
     checked = sum(math.prod(layer.weight_shape) >= MIN_VALUES for layer in report.layers)
     if report.untrained and len(report.untrained) >= UNTRAINED_FRACTION * checked:
         warnings.warn(f"refocus: {len(report.untrained)} of the {checked} kernels to refocus look untrained "
@@ -144,6 +149,20 @@ def refocus_model(
                       f"trained kernels, load the model's trained weights first (or pass base_init='random' for the "
                       f"paper's ablation)", stacklevel=2)
     return report
+
+
+def _nothing_hint(skipped: list[tuple[str, str]], map_k: int) -> str:
+    """Why no conv was refocused, and what to change: only the advice that applies."""
+    count = {what: sum(why.startswith(what) for _, why in skipped) for what in ("kernel", "excluded", "weight")}
+    small = f"map_k={map_k} is larger than all {count['kernel']} spatial kernels" if not (
+        count["excluded"] or count["weight"]) else f"{count['kernel']} smaller than map_k={map_k}"
+    seen = [text for n, text in ((count["kernel"], small), (count["excluded"], f"{count['excluded']} excluded"),
+                                 (count["weight"], f"{count['weight']} parametrized")) if n]
+    fixes = [fix for n, fix in ((count["kernel"], "use a smaller odd map_k"), (count["excluded"], "fewer excludes"),
+                                (count["weight"], "remove the other weight parametrizations")) if n]
+    if not seen:
+        return " (no spatial conv: 1x1 convs are never refocused)"
+    return f" ({', '.join(seen)}): {' or '.join(fixes)}"
 
 
 def _refocus_conv(name: str, conv: nn.Conv2d, map_k: int, init: str, base: str, base_init: str) -> RefocusedLayer:

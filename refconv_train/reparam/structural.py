@@ -41,7 +41,7 @@ from .protocol import ReparamReport, eval_outputs, layer_info, nothing_changed, 
 
 METHODS = ("acb", "repvgg", "dbb")
 _KNOWN_FORWARDS = (nn.Conv2d.forward, Conv2dSame.forward, Conv2dSameExport.forward)
-NO_BIAS_SINK = "no bias and no BatchNorm after it: a branch bias could not be folded"
+NO_BIAS_SINK = "no bias and no BatchNorm reading its output directly: a branch bias could not be folded"
 
 
 def make_branches(conv: nn.Conv2d, method: str, bias_to: str) -> tuple[RepBranches, str]:
