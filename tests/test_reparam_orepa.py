@@ -83,6 +83,7 @@ def branches_as_convs(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         F.conv2d(z, torch.ones(cout, 1, kh, kw, dtype=x.dtype) / (kh * kw), None, s, 0, d, cout)
     prior = F.conv2d(pad(F.conv2d(x, p.prior_1x1, groups=g)), prior_by_loops(cout, kh, kw), None, s, 0, d, cout)
     inner = p.delta_1x1.shape[0]
+    assert inner == (cin if g <= 4 else 2 * cin)  # the authors' internal width of the 1x1 -> kxk branch
     eye = torch.zeros(inner, cin // g, 1, 1, dtype=x.dtype)
     for t in range(inner):  # the authors' id_tensor: internal channel t copies input t mod (C_in / g) of its group
         eye[t, t % (cin // g)] = 1.0
@@ -284,3 +285,20 @@ def test_bf16_autocast_computes_the_kernel_in_fp32_and_keeps_the_conv_output_dty
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model[0].weight.dtype == torch.float32
         assert model(X.float()).dtype == torch.bfloat16
+
+
+# The project's by-hand matrix (docs/usage.md): every conv kind, timm's "same" convs, attention hybrids at 224 px.
+MATRIX = {"efficientnet_b0": 64, "mixnet_s": 64, "hrnet_w18_small": 64, "dla34": 64, "repghostnet_050": 64,
+          "mobileone_s0": 64, "resnext26ts": 64, "tf_mobilenetv3_small_minimal_100": 64, "levit_conv_128s": 224,
+          "coatnet_nano_rw_224": 224, "torchvision:mnasnet0_5": 64, "torchvision:googlenet": 64,
+          "torchvision:regnet_y_400mf": 64, "torchvision:squeezenet1_1": 64}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_matrix_architecture_starts_exactly_and_fuses_into_a_fresh_model(name):
+    size = MATRIX[name]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    report, diff = check_exact_start_and_fuse(lambda: build_model(name, num_classes=10), x)
+    print(f"\n{name}: changed {len(report.layers)}, skipped {len(report.skipped)} "
+          f"({', '.join(sorted({why for _, why in report.skipped}))}), fused max abs diff {diff:.3g}")
