@@ -225,6 +225,9 @@ def test_orepa_skips_convs_other_methods_hold():
     assert [layer.name for layer in report.layers] == ["4"]
     assert ("0", "already re-parameterized") in report.skipped and ("2", "already re-parameterized") in report.skipped
     assert not any(".rep_branches." in f".{name}." for name, _ in report.skipped)  # branch convs are not listed
+    with pytest.raises(RefconvError):  # and RefConv leaves OREPA's convs alone: here nothing is left for it
+        refocus_model(model, exclude=[r"^2$"])
+    assert list(orepa_convs(model)) == ["4"]
 
 
 def test_nothing_to_change_and_bad_branch_scale_are_one_line_errors():

@@ -14,9 +14,11 @@ kernel, exactly, for any stride, dilation and padding. Branches (as the authors'
 - ``1x1``: a ``1x1`` conv at the centre of the frame (top/left of centre for an even kernel);
 - ``separable``: a depthwise ``kh x kw`` conv with channel multiplier 8, then a ``1x1`` conv (the authors' expand 8).
 
-Left out: nothing of the ``OREPA`` block. Its training-time BN after the summed kernel is the conv's own following
-layer here (a pretrained model's BN, untouched); ``OREPA_LargeConv`` (a stack of 3x3 OREPAs for large kernels) is a
-different block, not the default one. Two generalizations: the authors' prior is written for 3x3 only (its loops run
+Left out: nothing of the ``OREPA`` block. Its BN after the summed kernel is the conv's own following layer here (a
+pretrained model's BN, untouched; a conv without one gets none: a new BN would move the pretrained function);
+``OREPA_LargeConv`` (a stack of 3x3 OREPAs for large kernels) is a
+different block, not the default one; ``OREPA_1x1`` (for 1x1 convs) is out of scope, as 1x1 convs are for every
+method here (spatial convs only). Two generalizations: the authors' prior is written for 3x3 only (its loops run
 to 3; a larger kernel keeps uninitialized memory): it is their cosine basis over ``kh`` rows / ``kw`` columns here;
 and their separable kernel permutes the point-wise rows across groups (a relabelling of a random init), while this
 is the plain depthwise-separable conv, the paper's definition.
