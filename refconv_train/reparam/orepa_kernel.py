@@ -81,18 +81,16 @@ def orepa_kernel(weight: Tensor, scale: Tensor, avg_1x1: Tensor, prior_1x1: Tens
     cout = weight.shape[0]
     zero = weight.new_zeros(())
     avg = T.avg_pool_kernel(cout, frame, cout, weight.dtype, weight.device)  # (C_out, 1, kh, kw) of 1 / (kh kw)
-    kernels = (
-        weight,
-        T.merge_1x1_depthwise(avg_1x1, zero, avg, zero)[0],
-        T.merge_1x1_depthwise(prior_1x1, zero, prior, zero)[0],
-        T.merge_1x1_kxk(inner_1x1, weight.new_zeros(inner_1x1.shape[0]), conv_kxk, zero, groups)[0],
-        T.pad_to_frame(conv_1x1, frame, T.center_offset(frame, (1, 1))),
-        separable_kernel(dw, pw, groups, dw.shape[0] // (weight.shape[1] * groups)),  # expansion = E C_in / C_in
-    )
-    out = kernels[0] * scale[0].reshape(-1, 1, 1, 1)  # origin at scale 1.0: W bit for bit
-    for k, s in zip(kernels[1:], scale[1:]):
-        out = out + k * s.reshape(-1, 1, 1, 1)
-    return out
+    # Each scale multiplies the branch's smallest factor that carries its output channel (the same product: the scale
+    # is linear per output channel): autograd then keeps those small factors for the backward, not six full kernels.
+    s = scale.reshape(len(scale), -1, 1, 1, 1)
+    out = weight * s[0]  # origin at scale 1.0: W bit for bit
+    out = out + T.merge_1x1_depthwise(avg_1x1 * s[1], zero, avg, zero)[0]
+    out = out + T.merge_1x1_depthwise(prior_1x1 * s[2], zero, prior, zero)[0]
+    out = out + T.merge_1x1_kxk(inner_1x1, weight.new_zeros(inner_1x1.shape[0]), conv_kxk * s[3], zero, groups)[0]
+    out = out + T.pad_to_frame(conv_1x1 * s[4], frame, T.center_offset(frame, (1, 1)))
+    expansion = dw.shape[0] // (weight.shape[1] * groups)  # E C_in / C_in
+    return out + separable_kernel(dw, pw * s[5], groups, expansion)
 
 
 class OrepaKernel(_CachedInEval):
