@@ -54,7 +54,7 @@ class RefocusConfig:
 class ReparamConfig:
     """The paper's comparison methods (refconv_train.reparam, docs/design.md section 6); RefConv stays refocus.*."""
 
-    method: Literal["none", "acb", "repvgg", "dbb", "wn", "cwn", "own"] = "none"
+    method: Literal["none", "acb", "repvgg", "dbb", "orepa", "wn", "cwn", "own"] = "none"
     exclude: list[str] = field(default_factory=list)  # regexes over module names
     branch_scale: float = 0.0  # acb/repvgg/dbb: initial scale of each new branch's last BN; 0 = exact start
     own_group: int = 0  # own: output filters per whitening group; 0 = fan-in - 1 (the most)
@@ -219,7 +219,7 @@ def _finish(cfg: Config, name: str) -> Config:
 
 
 # Options that only one family of methods reads: set for another method, they would be silently ignored.
-_METHOD_OPTIONS = {"branch_scale": ("acb", "repvgg", "dbb"), "own_group": ("own",)}
+_METHOD_OPTIONS = {"branch_scale": ("acb", "repvgg", "dbb", "orepa"), "own_group": ("own",)}
 
 
 def _check_method(cfg: Config) -> None:

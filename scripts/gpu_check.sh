@@ -2,7 +2,7 @@
 # One-shot GPU checks for a lent CUDA machine: what CPUs cannot show. Logs and JSON go to $OUT (default
 # runs/gpu_check); summary.txt holds one line per step (name, exit status, seconds, last line of its log).
 #   1. the trainer's CUDA paths on the demo data, in parallel: a plain fp32 baseline, then from its weights RefConv in
-#      fp32, bf16 + channels_last, fp16 (GradScaler) and torch.compile, DBB and OWN, each fused and evaluated;
+#      fp32, bf16 + channels_last, fp16 (GradScaler) and torch.compile, DBB, OREPA and OWN, each fused and evaluated;
 #      torchrun (1 process, NCCL, SyncBN, the per-step transform) for one epoch of two, then resumed;
 #   2. alone on the GPU, one after another: scripts/benchmark.py at 224 px / batch 128 / bf16 + channels_last for each
 #      of $BENCH_MODELS (RefConv vs baseline with the FLOP floor, then every method's step time and memory ratio),
@@ -15,7 +15,9 @@ DEVICE=${DEVICE:-cuda}
 IMG=${IMG:-224}
 BS=${BS:-128}
 BENCH_MODELS=${BENCH_MODELS-mobilenetv2_100 resnet18 convnext_atto}
-METHODS=${METHODS:-acb repvgg dbb wn cwn own}
+METHODS=${METHODS:-acb repvgg dbb orepa wn cwn own}
+CHAINS=${CHAINS-all}  # which training runs of part 1: all, none, or names (refconv_fp32 dbb_bf16_cl ...)
+PLAIN_BENCH=${PLAIN_BENCH:-1}  # 0: skip the RefConv-vs-baseline benchmark (FLOP floor), keep the methods' one
 WORK=${WORK:-/tmp/gpu_check}
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -49,21 +51,24 @@ fuse_eval() {  # fuse_eval NAME RUN_DIR [eval flags]: fuse last.pth (verified), 
         --device "$DEVICE" --workers 2 "$@"
     done
 }
-chain() {  # chain NAME KEY=VALUE...: train from the baseline's weights, then fuse and evaluate
+want() { [[ $CHAINS == all || " $CHAINS " == *" $1 "* ]]; }
+chain() {  # chain NAME KEY=VALUE...: train from the baseline's weights, then fuse and evaluate (if CHAINS wants it)
   local name=$1; shift
+  want "$name" || return 0
   step "train_$name" 180 "${train[@]}" model.pretrained="$WORK/base/best.pth" train.output="$WORK/$name" "$@" &&
     fuse_eval "$name" "$WORK/$name"
 }
-step train_base_fp32 120 "${train[@]}" refocus.enabled=false train.output="$WORK/base"
-if [[ -f $WORK/base/best.pth ]]; then
+[[ $CHAINS != none ]] && step train_base_fp32 120 "${train[@]}" refocus.enabled=false train.output="$WORK/base"
+if [[ $CHAINS != none && -f $WORK/base/best.pth ]]; then
   chain refconv_fp32 &
   chain refconv_bf16_cl train.amp=bf16 train.channels_last=true &
   [[ $DEVICE == cuda ]] && chain refconv_fp16 train.amp=fp16 &
   [[ $DEVICE == cuda ]] && chain refconv_compile train.amp=bf16 train.compile=true &
   chain dbb_bf16_cl refocus.enabled=false reparam.method=dbb train.amp=bf16 train.channels_last=true &
+  chain orepa_bf16_cl refocus.enabled=false reparam.method=orepa train.amp=bf16 train.channels_last=true &
   chain own_bf16 refocus.enabled=false reparam.method=own train.amp=bf16 &
   sync_bn=$([[ $DEVICE == cuda ]] && echo true || echo false)  # PyTorch's SyncBN is CUDA-only
-  (  # torchrun, NCCL on CUDA: epoch 1 of 2 (the per-step transform, SyncBN), stop, resume for epoch 2, fuse
+  want torchrun && (  # torchrun, NCCL on CUDA: epoch 1 of 2 (the per-step transform, SyncBN), stop, resume for epoch 2, fuse
     ddp=(-m torch.distributed.run --standalone --nproc_per_node=1 -m refconv_train.cli.train "${common[@]}"
          model.pretrained="$WORK/base/best.pth" train.output="$WORK/torchrun" optim.epochs=2 optim.warmup_epochs=0
          train.amp=bf16 train.sync_bn="$sync_bn" refocus.per_step_transform=true)
@@ -76,7 +81,7 @@ fi
 # 2. Benchmarks, alone on the device once the runs are done.
 amp=(--amp bf16 --channels-last --repeats ${REPEATS:-3})
 for m in $BENCH_MODELS; do
-  step "bench_$m" 90 $PY scripts/benchmark.py --device "$DEVICE" "${amp[@]}" --model "$m" --img-size "$IMG" \
+  [[ $PLAIN_BENCH == 1 ]] && step "bench_$m" 90 $PY scripts/benchmark.py --device "$DEVICE" "${amp[@]}" --model "$m" --img-size "$IMG" \
     --batch-size "$BS" --no-memory --json "$OUT/bench_$m.json"
   # shellcheck disable=SC2086
   step "methods_$m" 120 $PY scripts/benchmark.py --device "$DEVICE" "${amp[@]}" --model "$m" --img-size "$IMG" \

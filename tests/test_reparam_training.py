@@ -92,7 +92,7 @@ def test_cwn_run_reports_how_far_its_projected_start_moved(tiny_runs, tmp_path, 
 @pytest.mark.parametrize("overrides, pattern", [
     (["reparam.method=acb"], r"reparam.method=acb and refocus.enabled=true .* set refocus.enabled=false"),
     (["refocus.enabled=false", "reparam.method=wn", "reparam.branch_scale=1"],
-     r"'reparam.branch_scale' applies to reparam.method acb / repvgg / dbb only, not wn"),
+     r"'reparam.branch_scale' applies to reparam.method acb / repvgg / dbb / orepa only, not wn"),
     (["refocus.enabled=false", "reparam.method=bn"], r"'reparam.method' must be one of none, acb, repvgg"),
     (["refocus.enabled=false", "reparam.method=acb", "reparam.branch_scale=-1"], r"'reparam.branch_scale' must be"),
 ])
