@@ -9,6 +9,7 @@ import pickle
 import random
 import re
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from torch import nn
 from . import methods
 from .errors import RefconvError
 from .methods.legacy import translate_legacy
+from .state_dicts import read_safetensors, safetensors_header, strip_prefixes, with_versions
 
 CHECKPOINT_FORMAT = "refconv-train/1"
 FUSED_FORMAT = "refconv-train/fused/1"
@@ -50,16 +52,25 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def atomic_save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """The bare state dict as ``.safetensors``, its module versions in the header (:mod:`.state_dicts`)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp),
+                  metadata=safetensors_header(state_dict))
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise RefconvError(f"cannot write '{path}' ({e.strerror or e})") from None
+
+
+def cpu_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """The model's state dict on CPU, with the module versions (``_metadata``) that ``load_state_dict`` hands to each
+    module's loader: torchvision's MNASNet refuses a state dict without its version (a plain dict drops it)."""
+    state = unwrap(model).state_dict()
+    return with_versions(OrderedDict((k, v.detach().cpu()) for k, v in state.items()), state)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -71,9 +82,7 @@ def read_weights_file(path: str | os.PathLike) -> Any:
         return safe_torch_load(path)
     if not path.is_file():
         raise RefconvError(f"pretrained weights file '{path}' not found")
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
+    return read_safetensors(path)  # with the module versions its header keeps (state_dicts.py)
 
 
 def is_training_checkpoint(obj: Any) -> bool:
@@ -90,8 +99,9 @@ def checkpoint_method(obj: Any) -> str:
 
 def state_dict_of(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict inside a loaded file (training checkpoint: its ``model``; timm / torchvision references /
-    EMA layouts), with DDP and torch.compile prefixes stripped."""
-    return {_strip_prefixes(k): v for k, v in _extract_state_dict(obj, Path(path)).items()}
+    EMA layouts; a ``.safetensors`` state dict), with DDP and torch.compile prefixes stripped and the module versions
+    kept."""
+    return strip_prefixes(_extract_state_dict(obj, Path(path)))
 
 
 def safe_torch_load(path: str | os.PathLike) -> Any:
@@ -121,16 +131,9 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
                     obj = obj[key]
                     break
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return dict(obj)
+            return with_versions(obj, obj)
     raise RefconvError(f"'{path}' holds no model state dict (expected a state dict or a checkpoint with "
                        f"'state_dict' or 'model')")
-
-
-def _strip_prefixes(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):  # DDP and torch.compile wrappers
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key.replace("._orig_mod.", ".")
 
 
 # ----------------------------------------------------------------------------------------------- training checkpoints
@@ -149,7 +152,7 @@ def training_checkpoint(model: nn.Module, optimizer, scheduler, scaler, progress
                         config: dict) -> dict[str, Any]:
     """The ``refconv-train/1`` dict: every state a bit-identical resume needs, as weights-only-loadable data.
     ``rng``: every rank's :func:`rng_state` (model RNG such as dropout differs per rank)."""
-    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    state = cpu_state_dict(model)
     return {"format": CHECKPOINT_FORMAT, "model": state, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": progress.epoch,
             "step_in_epoch": progress.step_in_epoch, "global_step": progress.global_step,
@@ -177,7 +180,7 @@ def restore_training(ckpt: dict[str, Any], model: nn.Module, optimizer, schedule
     ``lr_scale``) and set this rank's RNG state. Returns the progress, and whether the checkpoint has this world
     size (if not, rank 0's RNG state is used and data order continues only approximately)."""
     try:
-        model.load_state_dict(ckpt["model"], strict=True)
+        model.load_state_dict(with_versions(ckpt["model"], model), strict=True)
     except RuntimeError as e:
         raise RefconvError(f"resume checkpoint does not fit this model/config ({str(e).splitlines()[0]}); "
                            f"use another train.output or train.resume=false") from None
@@ -253,7 +256,7 @@ def fused_checkpoint(model: nn.Module, arch: str, num_classes: int, config: dict
     timm's ``load_checkpoint`` (``create_model(checkpoint_path=...)``, validate.py) reads."""
     return {
         "format": FUSED_FORMAT,
-        "state_dict": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "state_dict": cpu_state_dict(model),
         "arch": arch,
         "num_classes": num_classes,
         "config": config,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -29,15 +32,34 @@ def output_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
     return output_diff_and_scale(a, b, x)[0]
 
 
+@contextmanager
+def full_fp32() -> Iterator[None]:
+    """fp32 convolutions and matmuls in full precision, not TF32: cuDNN takes TF32 for fp32 convs on Ampere and later
+    GPUs by default (a 10-bit mantissa), and a fused DBB model then differed from its trained twin by 2e-4 of the
+    output scale on an H200, twice the check's tolerance, with both sides right."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
+                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 @torch.no_grad()
 def output_diff_and_scale(a: nn.Module, b: nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    """Max |a(x) - b(x)| and max |a(x)|, both models in eval mode (their modes are restored afterwards)."""
+    """Max |a(x) - b(x)| and max |a(x)|, both models in eval mode (their modes are restored afterwards), in full fp32
+    (:func:`full_fp32`); both NaN when an output is not finite (a diverged model is no proof of a fuse)."""
     modes = a.training, b.training
     a.eval()
     b.eval()
     try:
-        out_a = a(x).float()
-        return (out_a - b(x).float()).abs().max().item(), out_a.abs().max().item()
+        with full_fp32():
+            out_a, out_b = a(x).float(), b(x).float()
+        if not (out_a.isfinite().all() and out_b.isfinite().all()):
+            return float("nan"), float("nan")
+        return (out_a - out_b).abs().max().item(), out_a.abs().max().item()
     finally:
         a.train(modes[0])
         b.train(modes[1])

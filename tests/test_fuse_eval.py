@@ -169,6 +169,29 @@ def test_fuse_refuses_to_write_when_the_fused_model_differs(tiny_runs, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_fuse_refuses_a_model_whose_outputs_are_not_finite():
+    """A diverged run: max() kept 0.0 against the NaN difference, and its fused file was written as verified."""
+    from refconv_train import build_model, refocus_model
+    from refconv_train.errors import RefconvError
+    from refconv_train.methods.refconv import refocus_parameters
+
+    model = build_model(TINY_MODEL, num_classes=10, pretrained=False)
+    refocus_model(model, init="zeros", check_base=False)
+    with torch.no_grad():
+        next(iter(refocus_parameters(model))).fill_(float("nan"))
+    with pytest.raises(RefconvError, match="outputs are not finite"):
+        fusing.fuse_and_verify(model, TINY_MODEL, 10, TINY_SIZE)
+
+
+def test_full_fp32_turns_tf32_off_and_restores_the_flags():
+    from refconv_train.verify import full_fp32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    with full_fp32():
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
 # ----------------------------------------------------------------------------------------------- refconv-eval
 def test_eval_prints_the_contract_line_last_counting_every_val_image(tiny_runs):
     rc, out, err = call(eval_cli.main, eval_args(tiny_runs, tiny_runs.refocus / "best.pth"))

@@ -13,7 +13,7 @@ PACKAGE = ROOT / "refconv_train"
 
 # Lowest first: a module may import its own layer or lower ones, never a higher one.
 LAYERS = [
-    ("errors", "config_types"),
+    ("errors", "config_types", "state_dicts"),
     ("methods",),  # the registry and every method
     ("config_schema", "config"),
     ("checkpoint", "data", "demo_data", "distributed", "preemption", "faults", "verify", "engine", "run_log"),

@@ -246,9 +246,8 @@ def test_skip_reasons_are_reported():
                        "8": "1x1", "9": "excluded by '^9$'"}
     assert [layer.name for layer in report.layers] == ["10"]
     assert "10" in report.table() and NO_BIAS_SINK in report.table()
-    again = apply_structural(model, "dbb", example=X)  # a conv with branches is taken; branch internals are not listed
-    assert dict(again.skipped)["10"] == "already re-parameterized"
-    assert not any("rep_branches" in name for name, _ in again.skipped)
+    with pytest.raises(RefconvError, match="already re-parameterized with acb"):  # one method per model
+        apply_structural(model, "dbb", example=X)
     repvgg = apply_structural(nn.Sequential(nn.Conv2d(6, 6, 3, stride=2, padding=1)), "repvgg", example=X)
     assert "no identity branch: stride 2" in repvgg.layers[0].detail
 

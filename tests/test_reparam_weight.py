@@ -9,8 +9,7 @@ from timm.layers import create_conv2d
 from torch import nn
 from torch.nn.utils import parametrize
 
-from refconv_train import RefconvError, build_model, randomize_bn_stats, refocus_model
-from refconv_train.methods.refconv import refocused_convs
+from refconv_train import RefconvError, build_model, randomize_bn_stats
 from refconv_train.methods.reparam.weight import (
     CWN_EPS,
     OWN_EPS,
@@ -189,20 +188,16 @@ def test_cwn_starts_at_the_centred_kernel_with_the_same_centred_norm():
     torch.testing.assert_close(g, ((rows - rows.mean(dim=1, keepdim=True)).square().sum(1) + CWN_EPS).sqrt())
 
 
-@pytest.mark.filterwarnings("ignore:refocus")  # RefConv on a fresh init: fine here
-def test_skips_excluded_1x1_refocused_and_structural_convs_with_the_reason():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3),
-                          nn.Conv2d(8, 8, 3))
-    refocus_model(model, exclude=["^[0134]$"])
-    model[3].rep_branches = nn.ModuleList()  # what a structural method leaves on its convs
-    report = apply_weight_reparam(model, "own", exclude=[r"^4$"], own_group=4)
+def test_skips_excluded_1x1_and_foreign_parametrized_convs_with_the_reason():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3))
+    parametrize.register_parametrization(model[2], "weight", nn.Identity())  # someone else's (spectral norm, ...)
+    report = apply_weight_reparam(model, "own", exclude=[r"^3$"], own_group=4)
     assert [layer.name for layer in report.layers] == ["0"]
     assert "2 groups of 4" in report.layers[0].detail  # fan-in 27, 8 rows, own_group=4
-    assert dict(report.skipped) == {"1": "1x1", "2": "already re-parameterized", "3": "already re-parameterized",
-                                    "4": "excluded by '^4$'"}
-    assert list(weight_reparam_convs(model)) == ["0"] and list(refocused_convs(model)) == ["2"]
-    assert fuse_weight(model) == ["0"]  # RefConv's parametrization is left alone
-    assert list(refocused_convs(model)) == ["2"]
+    assert dict(report.skipped) == {"1": "1x1", "2": "weight already parametrized", "3": "excluded by '^3$'"}
+    assert list(weight_reparam_convs(model)) == ["0"]
+    assert fuse_weight(model) == ["0"]  # the foreign parametrization is left alone
+    assert parametrize.is_parametrized(model[2], "weight")
     assert "skipped: 1x1" in report.table()
 
 
@@ -228,7 +223,7 @@ def test_nothing_to_change_and_bad_arguments_are_one_line_errors():
         apply_weight_reparam(conv_net("dense"), "wn", own_group=8)
     model = conv_net("dense")
     apply_weight_reparam(model, "cwn")
-    with pytest.raises(RefconvError, match="1 already re-parameterized"):
+    with pytest.raises(RefconvError, match="already re-parameterized with cwn"):  # one method per model
         apply_weight_reparam(model, "own")
 
 

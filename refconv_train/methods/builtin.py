@@ -1,4 +1,4 @@
-"""The built-in registry entries: none, RefConv and the paper's six comparison methods, each an options dataclass
+"""The built-in registry entries: none, RefConv, the paper's six comparison methods and OREPA, each an options dataclass
 (its config section) and the functions of :class:`~.registry.Method`. Importing this module registers them."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from .protocol import eval_outputs, example_input
 from .refconv.per_step import PerStepTransform
 from .registry import Method, register
 from .reparam import PAPERS
+from .reparam.orepa import apply_orepa, fuse_orepa, orepa_convs
 from .reparam.structural import apply_structural, fuse_structural, structural_convs
 from .reparam.weight import apply_weight_reparam, fuse_weight, weight_reparam_convs
 
@@ -134,5 +135,8 @@ def _weight(name: str, options: type) -> Method:
 
 for _name in ("acb", "repvgg", "dbb"):
     register(_structural(_name))
+register(Method("orepa", apply=lambda model, o, example=None, fresh=True: apply_orepa(
+    model, exclude=o.exclude, branch_scale=o.branch_scale, example=example), fuse=fuse_orepa, convs=orepa_convs,
+    options=BranchOptions, title="OREPA", paper=PAPERS["orepa"]))
 for _name, _options in (("wn", WeightOptions), ("cwn", WeightOptions), ("own", OwnOptions)):
     register(_weight(_name, _options))

@@ -12,8 +12,8 @@ from ..errors import RefconvError
 
 LEGACY_SECTIONS = ("refocus", "reparam")
 # reparam.* option -> (methods that read it, its key in their section)
-_REPARAM_OPTIONS = {"exclude": (("acb", "repvgg", "dbb", "wn", "cwn", "own"), "exclude"),
-                    "branch_scale": (("acb", "repvgg", "dbb"), "branch_scale"),
+_REPARAM_OPTIONS = {"exclude": (("acb", "repvgg", "dbb", "orepa", "wn", "cwn", "own"), "exclude"),
+                    "branch_scale": (("acb", "repvgg", "dbb", "orepa"), "branch_scale"),
                     "own_group": (("own",), "group")}
 
 

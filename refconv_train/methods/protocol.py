@@ -15,10 +15,12 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import RefconvError
 from .modules import compile_patterns
 from .refconv.kernel_math import conv_kind
+from .refconv.parametrization import Refocus
 
 
 @dataclass
@@ -70,8 +72,11 @@ class ReparamReport:
 def spatial_targets(model: nn.Module, method: str, exclude: Iterable[str] = (),
                     is_taken=lambda conv: False) -> tuple[list[tuple[str, nn.Conv2d]], list[tuple[str, str]]]:
     """Every ``nn.Conv2d`` (subclasses included) with a kernel larger than 1x1, by module name, minus those matched
-    by an ``exclude`` regular expression and those ``is_taken`` says another re-parameterization already holds.
-    Returns ``(targets, skipped)``; skipped 1x1 convs are listed with their reason. Warns about unused patterns."""
+    by an ``exclude`` regular expression and those ``is_taken`` says are already changed (someone else's
+    parametrization).
+    Returns ``(targets, skipped)``; skipped 1x1 convs are listed with their reason. Warns about unused patterns.
+    A model that already holds one of our re-parameterizations is refused (:func:`refuse_another_method`)."""
+    refuse_another_method(model, method)
     patterns = compile_patterns(exclude, method)
     used: set[str] = set()
     targets, skipped = [], []
@@ -83,7 +88,7 @@ def spatial_targets(model: nn.Module, method: str, exclude: Iterable[str] = (),
         if hits:
             skipped.append((name, f"excluded by {hits[0]!r}"))
         elif is_taken(module):
-            skipped.append((name, "already re-parameterized"))
+            skipped.append((name, "weight already parametrized"))  # not by us: refused above
         elif tuple(module.kernel_size) == (1, 1):
             skipped.append((name, "1x1"))
         else:
@@ -92,6 +97,31 @@ def spatial_targets(model: nn.Module, method: str, exclude: Iterable[str] = (),
         if pattern.pattern not in used:
             warnings.warn(f"{method} exclude pattern {pattern.pattern!r} matches no convolution", stacklevel=3)
     return targets, skipped
+
+
+def held_method(model: nn.Module) -> tuple[str, str] | None:
+    """``(method, conv name)`` of the first conv holding one of our re-parameterizations: RefConv's parametrization,
+    a structural method's branches (``rep_branches``), a weight method's parametrization; None for a plain model."""
+    for name, module in model.named_modules():
+        if hasattr(module, "rep_branches"):
+            return getattr(module.rep_branches, "method", "structural"), name
+        if parametrize.is_parametrized(module, "weight"):
+            for p in module.parametrizations.weight:
+                method = "refconv" if isinstance(p, Refocus) else getattr(p, "reparam_method", None)
+                if method:
+                    return method, name
+    return None
+
+
+def refuse_another_method(model: nn.Module, method: str) -> None:
+    """One method per model: a second one would re-parameterize the first one's convs (RefConv refocused DBB's branch
+    kernels) or skip every conv, and no fuse is defined for the mix. Raises a one-line :class:`RefconvError`."""
+    held = held_method(model)
+    if held is not None:
+        names = {"refconv": "RefConv"}
+        raise RefconvError(f"{names.get(method, method)}: the model is already re-parameterized with "
+                           f"{names.get(held[0], held[0])} (conv '{held[1]}'); one method per model: fuse it first "
+                           f"(refconv-fuse, or fuse_reparam(model)) or start from the plain model")
 
 
 def nothing_changed(method: str, skipped: list[tuple[str, str]]) -> RefconvError:

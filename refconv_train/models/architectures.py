@@ -13,6 +13,7 @@ import torchvision
 from torch import nn
 
 from ..errors import RefconvError
+from ..state_dicts import with_versions
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,7 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
     if wrong_shape:
         log.warning("classifier %s re-initialised: weights '%s' were trained for another number of classes",
                     ", ".join(wrong_shape), source)
-        state = {k: v for k, v in state.items() if k not in wrong_shape}
-        state.update({k: own[k] for k in wrong_shape})
+        state = with_versions({k: own[k] if k in wrong_shape else v for k, v in state.items()}, state)
     model.load_state_dict(state, strict=True)
 
 

@@ -15,6 +15,7 @@ from ..checkpoint import checkpoint_method, is_training_checkpoint, read_weights
 from ..config import Config, config_from_dict
 from ..errors import RefconvError
 from ..methods.protocol import ReparamReport, example_input
+from ..state_dicts import with_versions
 from .architectures import create_architecture, load_state_dict_checked
 
 
@@ -47,7 +48,8 @@ def load_pretrained_file(model: nn.Module, path: str | os.PathLike) -> None:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model weights held by a file in the original architecture's keys: our training/fused checkpoints, timm
     checkpoints, plain state dicts, ``.safetensors``. A training checkpoint of any method is rebuilt from its stored
-    config and fused; a bare state dict that a method can fold without its model (RefConv's) is folded."""
+    config and fused; a bare state dict that a method can fold without its model (RefConv's) is folded. The module
+    versions (``_metadata``) are kept: torchvision's MNASNet refuses a state dict without them."""
     obj = read_weights_file(path)
     if is_training_checkpoint(obj) and obj.get("config"):  # without its config: its state dict, folded below
         model, _ = rebuild_training_model(obj, path)
@@ -55,7 +57,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return model.state_dict()
     state = state_dict_of(obj, path)
     for method in methods.registered():
-        state = method.fuse_state_dict(state)
+        state = with_versions(method.fuse_state_dict(state), state)
     return state
 
 
@@ -84,7 +86,7 @@ def rebuild_training_model(ckpt: dict, path: str | os.PathLike) -> tuple[nn.Modu
                            f"edited; use an unedited checkpoint")
     model, _ = build_training_model(cfg, pretrained=False)  # every weight then comes from the checkpoint
     try:
-        model.load_state_dict(ckpt["model"], strict=True)
+        model.load_state_dict(with_versions(ckpt["model"], model), strict=True)  # old files: the model's versions
     except RuntimeError as e:
         raise RefconvError(f"'{path}' does not fit its own architecture ({str(e).splitlines()[0]}); "
                            f"the file is damaged or was edited") from None

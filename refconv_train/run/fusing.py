@@ -62,9 +62,13 @@ def fuse_and_verify(trained: nn.Module, name: str, num_classes: int, img_size: i
             raise RefconvError(f"fused weights do not load strictly into a fresh {name!r}: {first}") from None
         fresh.to(device)
         d, s = output_diff_and_scale(reference, fresh, x)
-        diff, scale = max(diff, d), max(scale, s)
+        # max() keeps its first argument against a NaN: a diverged model would pass with diff 0.
+        diff, scale = (d, s) if d != d else (max(diff, d), max(scale, s))
         deployed = deployed or fresh
-    if not diff <= atol * scale:  # also catches NaN
+    if diff != diff:
+        raise RefconvError("the trained model's outputs are not finite (NaN or inf: did the run diverge?); there is "
+                           "no function to preserve, the checkpoint was not written")
+    if not diff <= atol * scale:
         raise RefconvError(f"fused model differs from the trained model: max_abs_diff={diff:.3g} > atol={atol:g} x "
                            f"output scale {scale:.3g}; the checkpoint was not written")
     return FuseResult(model=deployed.cpu(), max_abs_diff=diff, output_scale=scale)

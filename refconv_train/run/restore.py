@@ -14,6 +14,7 @@ from ..checkpoint import FUSED_FORMAT, describe, is_training_checkpoint, safe_to
 from ..config import Config, config_from_dict
 from ..errors import RefconvError
 from ..models import build_model, load_state_dict_checked, read_state_dict, rebuild_training_model
+from ..state_dicts import with_versions
 
 
 @dataclass
@@ -78,7 +79,7 @@ def _classifier_outputs(state: dict) -> int:
 
 def _load_strict(model: nn.Module, state: dict, path) -> None:
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(with_versions(state, model), strict=True)  # files from before versions were kept
     except RuntimeError as e:
         raise RefconvError(f"'{path}' does not fit its own architecture ({str(e).splitlines()[0]}); "
                            f"the file is damaged or was edited") from None

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 
 from ...errors import RefconvError
 from ..modules import bake_weight
-from ..protocol import ReparamReport, spatial_targets
+from ..protocol import ReparamReport, refuse_another_method, spatial_targets
 from .base_check import MIN_VALUES, UNTRAINED_FRACTION, is_zero, looks_like_init
 from .kernel_math import conv_kind, step_gain
 from .parametrization import INITS, Refocus
@@ -95,6 +95,8 @@ def refocus_model(
 ) -> RefocusReport:
     """Inject RefConv in place into every ``nn.Conv2d`` (subclasses included) whose kernel is at least ``map_k``.
 
+    A model that already holds a re-parameterization (RefConv, ACB, ..., OWN) is refused: one method per model; a
+    conv whose weight carries someone else's parametrization is skipped.
     ``exclude``: regular expressions searched in module names; matching convs are left alone. ``base``: ``frozen``
     (paper) or ``trainable``; ``base_init``: ``pretrained`` (paper) or ``random`` (the paper's Fig. 5 ablations).
     With ``base_init="pretrained"`` the kernels must have been trained: an all-zero one (a dead layer) is an error,
@@ -103,6 +105,7 @@ def refocus_model(
     Returns a :class:`RefocusReport`; raises :class:`RefconvError` on bad arguments or when nothing is eligible.
     """
     _check_args(map_k, init, base, base_init)
+    refuse_another_method(model, "refconv")
     report = RefocusReport(map_k=map_k)
     # The targets every method finds the same way (protocol.spatial_targets), minus kernels smaller than map_k.
     spatial, report.skipped = spatial_targets(model, "refocus", exclude, is_taken=_is_taken)
@@ -125,9 +128,7 @@ def refocus_model(
             report.untrained.append(name)
         report.layers.append(_refocus_conv(name, module, map_k, init, base, base_init))
     if not report.layers:
-        too_small = [n for n, why in report.skipped if why.startswith("kernel")]
-        hint = f" (map_k={map_k} is larger than all {len(too_small)} spatial kernels)" if too_small else ""
-        raise RefconvError(f"refocus found no convolution to refocus{hint}: use a smaller odd map_k or fewer excludes")
+        raise RefconvError(f"refocus found no convolution to refocus{_nothing_hint(report.skipped, map_k)}")
     checked = sum(math.prod(layer.weight_shape) >= MIN_VALUES for layer in report.layers)
     if report.untrained and len(report.untrained) >= UNTRAINED_FRACTION * checked:
         warnings.warn(f"refocus: {len(report.untrained)} of the {checked} kernels to refocus look untrained "
@@ -135,6 +136,20 @@ def refocus_model(
                       f"trained kernels, load the model's trained weights first (or pass base_init='random' for the "
                       f"paper's ablation)", stacklevel=2)
     return report
+
+
+def _nothing_hint(skipped: list[tuple[str, str]], map_k: int) -> str:
+    """Why no conv was refocused, and what to change: only the advice that applies."""
+    count = {what: sum(why.startswith(what) for _, why in skipped) for what in ("kernel", "excluded", "weight")}
+    small = f"map_k={map_k} is larger than all {count['kernel']} spatial kernels" if not (
+        count["excluded"] or count["weight"]) else f"{count['kernel']} smaller than map_k={map_k}"
+    seen = [text for n, text in ((count["kernel"], small), (count["excluded"], f"{count['excluded']} excluded"),
+                                 (count["weight"], f"{count['weight']} parametrized")) if n]
+    fixes = [fix for n, fix in ((count["kernel"], "use a smaller odd map_k"), (count["excluded"], "fewer excludes"),
+                                (count["weight"], "remove the other weight parametrizations")) if n]
+    if not seen:
+        return " (no spatial conv: 1x1 convs are never refocused)"
+    return f" ({', '.join(seen)}): {' or '.join(fixes)}"
 
 
 def _refocus_conv(name: str, conv: nn.Conv2d, map_k: int, init: str, base: str, base_init: str) -> RefocusedLayer:

@@ -41,7 +41,7 @@ from .placement import attach, cannot_sum_after, folding
 
 METHODS = ("acb", "repvgg", "dbb")
 _KNOWN_FORWARDS = (nn.Conv2d.forward, Conv2dSame.forward, Conv2dSameExport.forward)
-NO_BIAS_SINK = "no bias and no BatchNorm after it: a branch bias could not be folded"
+NO_BIAS_SINK = "no bias and no BatchNorm reading its output directly: a branch bias could not be folded"
 
 
 def make_branches(conv: nn.Conv2d, method: str, bias_to: str) -> tuple[RepBranches, str]:
