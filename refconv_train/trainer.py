@@ -153,8 +153,7 @@ class Trainer:
         else:
             torch.manual_seed(cfg.train.seed + dist.rank)
             self._evaluate_moved_start()
-        # The lr of the coming step in every group, lr_scale applied: timm's scheduler only sets it at construction
-        # when there is a warmup, and W_r's first step must not run at the unscaled lr.
+        # Each group's lr for the coming step with its lr_scale: timm sets it at construction only with a warmup.
         self.scheduler.step_update(num_updates=self.progress.global_step)
         run_log = RunLog(self.out, cfg.optim.warmup_epochs + cfg.optim.epochs) if dist.is_main else None
         try:
@@ -169,13 +168,15 @@ class Trainer:
         return result
 
     def _evaluate_moved_start(self) -> None:
-        """A start that moved (RefConv's xavier / kaiming W_r, CWN's and OWN's projections): say what it costs before
-        the first step (the report holds the output difference, this the accuracy)."""
+        """A start that moved (RefConv's xavier / kaiming W_r, CWN's and OWN's projections): its cost before the first
+        step (the report holds the output difference, this the accuracy), measured on a forked torch RNG (the loader
+        seeds its workers from it): the run trains the same with or without the measurement."""
         moved = broadcast_flag(bool(self.report and (self.report.get("start_max_abs_diff") or 0) > 0),
                                self.dist.device)
         if not moved:
             return
-        start = evaluate(self.model, self.val_loader, self.settings, show_progress=self.dist.is_main)
+        with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):
+            start = evaluate(self.model, self.val_loader, self.settings, show_progress=self.dist.is_main)
         if self.dist.is_main:
             log.info("%s moved the start (max |output change| %.3g): before training top1 %.2f, loss %.4f",
                      self.cfg.method, self.report["start_max_abs_diff"], start.top1, start.loss)
