@@ -180,7 +180,7 @@ def test_ablation_config_trains_a_step_fuses_and_reloads(path):
 # were run once by hand: docs/usage.md); the configs' recipe, one step, fuse, strict reload.
 METHOD_PAIRS = [(stem, method) for i, stem in enumerate(ARCHS)
                 for method in (("acb", "repvgg", "dbb")[i % 3], ("wn", "cwn", "own")[i % 3])]
-METHOD_PAIRS += [(stem, "orepa") for stem in ARCHS[::2]]
+METHOD_PAIRS += [(stem, "orepa") for stem in list(ARCHS)[::2]]  # ARCHS is a dict: every other stem
 
 
 @pytest.mark.parametrize("stem, method", METHOD_PAIRS)
