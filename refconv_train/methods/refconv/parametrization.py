@@ -20,8 +20,9 @@ INITS = ("xavier", "zeros", "kaiming")
 class Refocus(nn.Module):
     """Parametrization ``W_b -> W_b + conv(W_b, W_r)`` holding the learnable ``refocus_weight`` (``W_r``).
 
-    Two caches keep the cost off the hot path, both keyed on the tensors' version counters (bumped by every in-place
-    update: optimizer steps, ``load_state_dict``), so they can never serve stale values:
+    Two caches keep the cost off the hot path, each served only while its inputs hold the values it was made from
+    (compared with a snapshot: version counters miss an edit through ``p.data``, e.g. old-style optimizers or manual
+    surgery, and the caches then served, and fusing baked in, the old ``W_t``):
     - the unfolded patches of a frozen ``W_b`` (the transform is then a single GEMM, forward and backward);
     - ``W_t`` itself while autograd is off (evaluation does not recompute it per batch).
     """
@@ -38,8 +39,8 @@ class Refocus(nn.Module):
         self.conv_groups = conv_groups
         self.refocus_weight = nn.Parameter(torch.empty(refocus_shape(weight_shape, conv_groups, map_k)))
         init_refocus_weight(self.refocus_weight, init)
-        self._patches: tuple[tuple, torch.Tensor] | None = None
-        self._eval_weight: tuple[tuple, torch.Tensor] | None = None
+        self._patches: tuple | None = None  # (inference mode, snapshot of W_b, patches)
+        self._eval_weight: tuple | None = None  # (inference mode, snapshots of W_b and W_r, W_t)
         self.step_weight: torch.Tensor | None = None  # W_t of the current optimizer step (PerStepTransform.step)
 
     @classmethod
@@ -55,10 +56,11 @@ class Refocus(nn.Module):
             return self.step_weight
         w_r = self.refocus_weight
         if not torch.is_grad_enabled():
-            key = _cache_key(base, w_r)
-            if self._eval_weight is None or self._eval_weight[0] != key:
-                self._eval_weight = (key, self._compute(base, w_r))
-            return self._eval_weight[1]
+            key = torch.is_inference_mode_enabled()  # inference tensors must not leak into no-grad code (fusing)
+            if self._eval_weight is None or self._eval_weight[0] != key or not _same_values(self._eval_weight[1],
+                                                                                             (base, w_r)):
+                self._eval_weight = (key, _snapshot(base, w_r), self._compute(base, w_r))
+            return self._eval_weight[2]
         self._eval_weight = None
         return self._compute(base, w_r)
 
@@ -74,12 +76,12 @@ class Refocus(nn.Module):
         return base.device.type == "cuda" if self.dense_gemm is None else self.dense_gemm
 
     def _frozen_patches(self, base: torch.Tensor) -> torch.Tensor:
-        key = (_cache_key(base), torch.is_inference_mode_enabled())  # inference tensors must not leak into training
-        if self._patches is None or self._patches[0] != key:
+        key = torch.is_inference_mode_enabled()  # inference tensors must not leak into training
+        if self._patches is None or self._patches[0] != key or not _same_values(self._patches[1], (base,)):
             with torch.no_grad():  # stored transposed (same values): the layout _PatchGemm reads without copies
                 patches = kernel_patches(base, self.map_k, self.conv_groups).transpose(1, 2).contiguous()
-                self._patches = (key, patches.transpose(1, 2))
-        return self._patches[1]
+                self._patches = (key, _snapshot(base), patches.transpose(1, 2))
+        return self._patches[2]
 
     def extra_repr(self) -> str:
         return f"map_k={self.map_k}, groups={self.conv_groups}, refocus_weight={tuple(self.refocus_weight.shape)}"
@@ -89,8 +91,15 @@ def _is_compiling() -> bool:
     return bool(getattr(torch, "compiler", None) and torch.compiler.is_compiling())
 
 
-def _cache_key(*tensors: torch.Tensor) -> tuple:
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
+def _snapshot(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    with torch.no_grad():
+        return tuple(t.detach().clone() for t in tensors)
+
+
+def _same_values(old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> bool:
+    return len(old) == len(new) and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+        for a, b in zip(old, new))
 
 
 def init_refocus_weight(weight: torch.Tensor, init: str) -> None:

@@ -96,8 +96,9 @@ def apply_structural(model: nn.Module, method: str, exclude=(), branch_scale: fl
     the input for the conv -> BN forward and the start measurement (default ``protocol.example_input``). Raises
     :class:`RefconvError` for an unknown method or when no conv is eligible.
 
-    Skipped, with the reason in the report: 1x1 convs, ``exclude`` matches, convs already re-parameterized (RefConv or
-    WN parametrizations, branches; the convs inside branches are not listed), ``padding_mode`` other than zeros,
+    A model that already holds another method's re-parameterization is refused (one method per model:
+    ``protocol.spatial_targets``). Skipped, with the reason in the report: 1x1 convs, ``exclude`` matches, convs whose
+    weight carries a foreign parametrization (e.g. spectral norm), ``padding_mode`` other than zeros,
     subclasses with their own ``forward`` (e.g. timm's ``StdConv2d``; timm's ``Conv2dSame`` is supported), ACB on a
     kernel of height or width 1, and a conv with neither a bias nor a BatchNorm that it feeds directly
     (:data:`NO_BIAS_SINK`). RepVGG adds its identity branch only where ``C_in == C_out`` and the stride is 1."""
