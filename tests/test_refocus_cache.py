@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from refconv_train import fuse_model, refocus_model
-from refconv_train.refocus.transform import refocus_delta
+from refconv_train.methods.refconv.kernel_math import refocus_delta
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 

@@ -10,7 +10,7 @@ Math (small, tested, model-free: everything comes from ``W_b`` and ``W_r`` in th
   values; entry ``(i, j)`` is ``KL(p_i || p_j)``. Low values = similar, i.e. redundant, kernels.
 - :func:`layer_stats`: per-layer summary (kind, ``||W_t - W_b|| / ||W_b||``, ``W_r`` size, mean pairwise KL).
 
-The figures and files of ``refconv-analyze`` are in :mod:`refconv_train.analysis_plots`.
+The figures and files of ``refconv-analyze`` are in :mod:`refconv_train.analysis.kernel_plots`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Each is a ``torch.nn.utils.parametrize`` parametrization of the conv's ``weight``, as RefConv is: the conv keeps its
 class, padding logic (timm's dynamic "same" padding included) and bias, and fusing removes the parametrization and
 leaves ``W`` as a plain weight of the original shape. Their parameters are ordinary parameters (DDP all-reduces
-them; :mod:`refconv_train.per_step` handles RefConv's alone).
+them; :mod:`refconv_train.methods.refconv.per_step` handles RefConv's alone).
 
 - ``wn`` (Salimans & Kingma 2016): torch's ``weight_norm``, ``dim=0``: ``W_o = g_o V_o / ||V_o||``, one ``g`` per
   output filter (keys ``original0`` = g, ``original1`` = V). Starts exactly at the given weights (see :func:`_wn`).
