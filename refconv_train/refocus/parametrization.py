@@ -56,7 +56,7 @@ class Refocus(nn.Module):
             return self.step_weight
         w_r = self.refocus_weight
         if not torch.is_grad_enabled():
-            key = torch.is_inference_mode_enabled()  # inference tensors must not leak into no-grad code (fusing)
+            key = _cache_key(base, w_r)
             if self._eval_weight is None or self._eval_weight[0] != key or not _same_values(self._eval_weight[1],
                                                                                              (base, w_r)):
                 self._eval_weight = (key, _snapshot(base, w_r), self._compute(base, w_r))
@@ -76,7 +76,7 @@ class Refocus(nn.Module):
         return base.device.type == "cuda" if self.dense_gemm is None else self.dense_gemm
 
     def _frozen_patches(self, base: torch.Tensor) -> torch.Tensor:
-        key = torch.is_inference_mode_enabled()  # inference tensors must not leak into training
+        key = _cache_key(base)
         if self._patches is None or self._patches[0] != key or not _same_values(self._patches[1], (base,)):
             with torch.no_grad():  # stored transposed (same values): the layout _PatchGemm reads without copies
                 patches = kernel_patches(base, self.map_k, self.conv_groups).transpose(1, 2).contiguous()
@@ -89,6 +89,15 @@ class Refocus(nn.Module):
 
 def _is_compiling() -> bool:
     return bool(getattr(torch, "compiler", None) and torch.compiler.is_compiling())
+
+
+def _cache_key(*tensors: torch.Tensor) -> tuple:
+    """Where the inputs live and how they are laid out (a copy, ``.to(...)`` or ``.float()`` makes a new cache: the
+    cached result keeps its inputs' memory format, and channels_last and contiguous convs round differently), and
+    whether inference mode is on (inference tensors must not leak into training or fusing). The values are checked
+    separately, against a snapshot."""
+    layout = tuple((t.data_ptr(), t.stride(), t.dtype, t.device, t.shape) for t in tensors)
+    return torch.is_inference_mode_enabled(), layout
 
 
 def _snapshot(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

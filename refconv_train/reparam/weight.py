@@ -57,7 +57,9 @@ class _CachedInEval(nn.Module):
         if torch.is_grad_enabled():
             self._eval_weight = None
             return self._compute(*tensors)
-        mode = torch.is_inference_mode_enabled()  # inference tensors must not leak into no-grad code (fusing)
+        # inference tensors must not leak into no-grad code (fusing); a moved or re-laid-out input makes a new W (the
+        # cached one keeps its inputs' memory format, and channels_last and contiguous convs round differently)
+        mode = (torch.is_inference_mode_enabled(), tuple((t.data_ptr(), t.stride()) for t in tensors))
         cache = getattr(self, "_eval_weight", None)
         if cache is None or cache[0] != mode or not _same_values(cache[1], tensors):
             snapshot = tuple(t.detach().clone() for t in tensors)
