@@ -192,11 +192,11 @@ def test_architecture_starts_exactly_and_fuses_into_a_fresh_model(name):
     assert bool(same) == name.startswith("tf_")
 
 
-def test_skip_reasons_and_other_methods_see_orepa_convs_as_taken():
+def test_skip_reasons_and_other_methods_refuse_a_model_orepa_holds():
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),  # 0: OREPA
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),  # 2: excluded, then WN
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),  # 2: excluded
         nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8),  # 4: 1x1
         StdConv2d(8, 8, 3, padding=1),  # 6: custom forward
     )
@@ -204,30 +204,27 @@ def test_skip_reasons_and_other_methods_see_orepa_convs_as_taken():
     assert [layer.name for layer in report.layers] == ["0"]
     assert dict(report.skipped) == {"2": "excluded by '^2$'", "4": "1x1",
                                     "6": "custom forward (StdConv2d): its weight use is unknown"}
-    wn = apply_weight_reparam(model, "wn", exclude=[r"^6$"])
-    assert [layer.name for layer in wn.layers] == ["2"] and ("0", "already re-parameterized") in wn.skipped
-    with pytest.raises(RefconvError):  # nothing left for the structural methods: 0 OREPA, 2 WN
-        apply_structural(model, "dbb", exclude=[r"^6$"])
+    # One method per model: every other method refuses it, naming OREPA's conv, and changes nothing.
+    for apply in (lambda: apply_weight_reparam(model, "wn", exclude=[r"^6$"]),
+                  lambda: apply_structural(model, "dbb", exclude=[r"^6$"]), lambda: refocus_model(model)):
+        with pytest.raises(RefconvError, match=r"already re-parameterized with orepa \(conv '0'\)"):
+            apply()
     x = torch.randn(2, 3, 8, 8)
     before = eval_out(model, x)
-    assert fuse_weight(model) == ["2"] and list(orepa_convs(model)) == ["0"]  # WN's fuse leaves OREPA alone
-    assert fuse_model(model) == [] and fuse_structural(model) == []
-    assert fuse_orepa(model) == ["0"]
+    assert fuse_weight(model) == [] and fuse_model(model) == [] and fuse_structural(model) == []  # not theirs
+    assert list(orepa_convs(model)) == ["0"] and fuse_orepa(model) == ["0"]
     torch.testing.assert_close(eval_out(model, x), before, rtol=0, atol=1e-5)
 
 
-def test_orepa_skips_convs_other_methods_hold():
+def test_orepa_refuses_a_model_another_method_holds_and_applies_after_its_fuse():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1),
                           nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
-    refocus_model(model, exclude=[r"^[24]$"])
-    apply_structural(model, "acb", exclude=[r"^[04]$"])
-    report = apply_orepa(model)
-    assert [layer.name for layer in report.layers] == ["4"]
-    assert ("0", "already re-parameterized") in report.skipped and ("2", "already re-parameterized") in report.skipped
-    assert not any(".rep_branches." in f".{name}." for name, _ in report.skipped)  # branch convs are not listed
-    with pytest.raises(RefconvError):  # and RefConv leaves OREPA's convs alone: here nothing is left for it
-        refocus_model(model, exclude=[r"^2$"])
-    assert list(orepa_convs(model)) == ["4"]
+    refocus_model(model, exclude=[r"^[24]$"], check_base=False)
+    with pytest.raises(RefconvError, match=r"orepa: the model is already re-parameterized with RefConv \(conv '0'\)"):
+        apply_orepa(model)
+    assert orepa_convs(model) == {}
+    fuse_model(model)
+    assert [layer.name for layer in apply_orepa(model).layers] == ["0", "2", "4"]
 
 
 def test_nothing_to_change_and_bad_branch_scale_are_one_line_errors():
