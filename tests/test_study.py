@@ -434,3 +434,25 @@ def test_budget_expressions_expand_and_the_scratch_studies_give_every_two_stage_
         assert {runs[v]["reparam.branch_scale"] for v in ("acb", "repvgg", "dbb", "orepa")} == {1.0}
         assert runs["refconv_paper"]["refocus.init"] == "xavier"
         assert runs["refconv_norm"]["refocus.step_norm"] == "layer"
+
+
+def test_cost_figure_script_draws_one_panel_per_deployed_report_and_refuses_other_json(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    figure = load_script("cost_figure")
+
+    def report(name: str) -> dict:
+        one = {"stages": [{"variant": "plain", "method": "baseline", "epochs": 10}], "mean": 85.0, "std": 0.2,
+               "cost_epochs_benchmark": 10.0, "epochs_measured": 10.4}
+        two = {**one, "stages": one["stages"] * 2, "mean": 86.0, "std": None, "cost_epochs_benchmark": 21.0}
+        return {"name": name, "unit": "plain", "split": "val", "seeds": [0, 1, 2], "cost_axis": "benchmark",
+                "variants": {"plain": one, "refconv": two, "unfinished": {**one, "mean": None}}}
+
+    paths = []
+    for name in ("scratch_resnet18", "scratch_mobilenetv2_050"):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report(name)))
+    assert figure.main([*map(str, paths), "-o", str(tmp_path / "cost.png")]) == 0
+    assert Image.open(tmp_path / "cost.png").size[0] > Image.open(tmp_path / "cost.png").size[1] * 2  # 2 panels
+    (tmp_path / "other.json").write_text(json.dumps({"variants": {}}))
+    assert figure.main([str(tmp_path / "other.json"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "not the report of an 'evaluate: deployed' study" in capsys.readouterr().err
