@@ -407,6 +407,8 @@ def test_deployed_dry_run_prints_each_start_and_each_deployed_eval(tiny):
     ({"evaluate": "training", "cost": {"unit": "plain"}}, r"cost: the cost report needs 'evaluate: deployed'"),
     ({"cost": None}, r"evaluate: deployed: needs cost.unit"),
     ({"overrides": ["optim.epochs={budget*0}"]}, r"unknown placeholder \{budget\*0\}"),
+    ({"controls": ["plain"]}, r"controls: an 'evaluate: deployed' study pairs each variant with its own 'reference'"),
+    ({"evaluate": None, "cost": None}, r"variant 'acb': reference: needs 'evaluate: deployed'"),
 ])
 def test_deployed_study_file_errors_are_one_line(tiny, tmp_path, change, message):
     study = write_scratch_study(tiny, "bad_scratch.study.yaml", output=str(tmp_path / "never"), **change)

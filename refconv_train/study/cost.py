@@ -35,6 +35,12 @@ def cost_keys(path: Path, d: dict, variants: list) -> dict[str, Any]:
         ratios = os.path.relpath(path.parent / ratios)  # beside the study file; may be written after the runs
     if (unit or ratios) and evaluate != "deployed":
         raise RefconvError(f"study file '{path}': cost: the cost report needs 'evaluate: deployed'")
+    if evaluate == "deployed" and (d.get("controls") or d.get("goal") is not None):
+        raise RefconvError(f"study file '{path}': {'controls' if d.get('controls') else 'goal'}: an 'evaluate: "
+                           f"deployed' study pairs each variant with its own 'reference' instead")
+    if evaluate != "deployed" and (v := next((v for v in variants if v.reference), None)):
+        raise RefconvError(f"study file '{path}': variant '{v.name}': reference: needs 'evaluate: deployed' (the "
+                           f"other studies pair every variant with the 'controls')")
     if evaluate == "deployed" and unit is None:
         raise RefconvError(f"study file '{path}': evaluate: deployed: needs cost.unit (the plain one-stage variant)")
     return {"evaluate": evaluate, "cost_ratios": ratios, "cost_unit": unit}
