@@ -316,3 +316,145 @@ def test_lite0_weights_in_efficientnet_pytorch_names_become_a_strict_timm_state_
     torch.save(swapped, tmp_path / "bad.pth")
     rc, _, err = call(convert.main, [tmp_path / "bad.pth", "-o", tmp_path / "x.pth"])
     assert "does not pair with" in assert_one_line_error(rc, err) and not (tmp_path / "x.pth").exists()
+
+
+def write_scratch_study(root: Path, name: str = "scratch.study.yaml", **changes) -> Path:
+    """An ``evaluate: deployed`` study: a plain one-stage arm, ACB from scratch, a second stage (RefConv) from each
+    seed's own plain run, paired with the plain arm; fake benchmark ratios."""
+    (root / "bench.json").write_text(json.dumps({"methods": {
+        "baseline": {"train_ratio": 1.0, "memory_ratio": 1.0}, "acb": {"train_ratio": 2.0, "memory_ratio": 1.5},
+        "refocus_per_step": {"train_ratio": 1.5, "memory_ratio": 1.25}}}))
+    study = {
+        "config": str(root / "stage1.yaml"), "output": str(root / "scratch_out"), "seeds": [0, 1], "budget": 1,
+        "overrides": ["optim.epochs={budget}"], "evaluate": "deployed",
+        "cost": {"unit": "plain", "ratios": "bench.json"},
+        "variants": [
+            {"name": "plain", "what": "from scratch"},
+            {"name": "acb", "overrides": ["reparam.method=acb", "reparam.branch_scale=1"], "reference": "plain"},
+            {"name": "refconv", "start": "plain", "reference": "plain",
+             "overrides": ["refocus.enabled=true", "refocus.init=zeros", "refocus.step_norm=layer"]}]}
+    study.update(changes)
+    path = root / name
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def test_deployed_study_starts_each_seed_from_its_own_run_reports_fused_top1_and_cost_and_resumes(tiny):
+    study = write_scratch_study(tiny)
+    rc, out, err = call(study_cli.main, [study, "--quick"])
+    assert rc == 0, err[-3000:]
+    root = tiny / "scratch_out_quick" / "report"
+    order = [line.split()[3] for line in out.splitlines() if line.startswith("== report")]
+    assert [Path(p).parent.name + "/" + Path(p).name for p in order] == \
+        ["seed0/plain", "seed0/acb", "seed1/plain", "seed1/acb", "seed0/refconv", "seed1/refconv"]  # starts first
+    results = json.loads((root / "results.json").read_text())
+    for seed in (0, 1):
+        cfg = load_config(root / f"seed{seed}" / "refconv" / "config.yaml")
+        assert cfg.model.pretrained == str(root / f"seed{seed}" / "plain" / "last.pth")  # its own seed's stage 1
+        assert load_config(root / f"seed{seed}" / "acb" / "config.yaml").model.pretrained is False
+        for v, deployed in (("plain", "last.pth"), ("acb", "fused.pth"), ("refconv", "fused.pth")):
+            run = root / f"seed{seed}" / v
+            assert load_config(run / "config.yaml").data.val_split == "holdout"  # the test split only in the eval
+            ev = json.loads((run / "deployed_val.json").read_text())
+            assert ev["checkpoint"] == str(run / deployed) and ev["split"] == "val"
+            assert results["variants"][v]["top1"][str(seed)] == ev["top1"]  # the reported number is the deployed one
+    v = results["variants"]
+    diffs = [v["refconv"]["top1"][s] - v["plain"]["top1"][s] for s in ("0", "1")]
+    assert v["refconv"]["paired"]["diffs"] == pytest.approx(diffs) and v["plain"]["paired"] is None
+    assert [s["variant"] for s in v["refconv"]["stages"]] == ["plain", "refconv"]
+    assert (v["plain"]["cost_epochs_benchmark"], v["acb"]["cost_epochs_benchmark"],
+            v["refconv"]["cost_epochs_benchmark"]) == (1.0, 2.0, 2.5)  # 1 x 1, 1 x 2, 1 x 1 + 1 x 1.5
+    assert v["acb"]["memory_ratio_benchmark"] == 1.5 and results["cost_axis"] == "benchmark"
+    assert v["refconv"]["train_s"] > v["plain"]["train_s"] > 0 and v["refconv"]["peak_mb"] > 100
+    assert v["refconv"]["epochs_measured"] > 1.0 and v["plain"]["epochs_measured"] == pytest.approx(1.0)
+    assert results["convergence"]["variant"] == "plain" and results["convergence"]["converged"] is False  # 1 epoch
+    table = (root / "results.md").read_text()
+    assert "| refconv | refconv | baseline 1 → refconv 1 | 2 |" in table and "NOT converged" in table
+    assert (root / "cost.png").is_file() and (root / "curves.png").is_file()
+
+    stamp = (root / "seed0" / "acb" / "deployed_val.json").stat().st_mtime_ns
+    (root / "seed1" / "refconv" / "DONE").unlink()  # as if interrupted: run again, resumed and evaluated again
+    (root / "seed1" / "refconv" / "deployed_val.json").unlink()
+    rc, out, err = call(study_cli.main, [study, "--quick"])
+    assert rc == 0, err[-3000:]
+    assert out.count("finished earlier, skipped") == 5 and "seed1/refconv (resuming)" in out
+    assert out.count("--json") == 1 and (root / "seed1" / "refconv" / "deployed_val.json").is_file()
+    assert (root / "seed0" / "acb" / "deployed_val.json").stat().st_mtime_ns == stamp
+
+
+def test_deployed_dry_run_prints_each_start_and_each_deployed_eval(tiny):
+    study = write_scratch_study(tiny, "dry_scratch.study.yaml", output=str(tiny / "dry_scratch"))
+    rc, out, err = call(study_cli.main, [study, "--dry-run", "--seeds", "4"])
+    assert rc == 0, err
+    lines = [shlex.split(line) for line in out.strip().splitlines()]
+    assert len(lines) == 6  # 3 variants x (refconv-train, refconv-eval)
+    run = tiny / "dry_scratch" / "report" / "seed4"
+    assert f"model.pretrained={run / 'plain' / 'last.pth'}" in lines[4]
+    assert lines[3][lines[3].index("--checkpoint") + 1] == str(run / "acb" / "fused.pth")
+    assert lines[1][lines[1].index("--checkpoint") + 1] == str(run / "plain" / "last.pth")
+    assert not (tiny / "dry_scratch").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"variants": [{"name": "a", "start": "b"}]}, r"variant 'a': start 'b' is not another variant"),
+    ({"variants": [{"name": "a", "reference": "a"}]}, r"variant 'a': reference 'a' is not another variant"),
+    ({"variants": [{"name": "a"}, {"name": "b", "start": "a"}, {"name": "c", "start": "b"}]},
+     r"variant 'c': start 'b' starts from 'a': a start must be a one-stage variant"),
+    ({"variants": [{"name": "a"}, {"name": "b", "start": "a", "overrides": ["model.pretrained=x.pth"]}]},
+     r"variant 'b': sets model.pretrained and has a start \('a'\)"),
+    ({"evaluate": "best"}, r"evaluate: expected one of training, deployed, got 'best'"),
+    ({"cost": {"unit": "nope"}}, r"cost.unit: 'nope' is not a variant"),
+    ({"evaluate": "training", "cost": {"unit": "plain"}}, r"cost: the cost report needs 'evaluate: deployed'"),
+    ({"cost": None}, r"evaluate: deployed: needs cost.unit"),
+    ({"overrides": ["optim.epochs={budget*0}"]}, r"unknown placeholder \{budget\*0\}"),
+    ({"controls": ["plain"]}, r"controls: an 'evaluate: deployed' study pairs each variant with its own 'reference'"),
+    ({"evaluate": None, "cost": None}, r"variant 'acb': reference: needs 'evaluate: deployed'"),
+])
+def test_deployed_study_file_errors_are_one_line(tiny, tmp_path, change, message):
+    study = write_scratch_study(tiny, "bad_scratch.study.yaml", output=str(tmp_path / "never"), **change)
+    line = assert_one_line_error(*call(study_cli.main, [study])[::2], message)
+    assert line.startswith(f"error: study file '{study}'") and not (tmp_path / "never").exists()
+
+
+def test_budget_expressions_expand_and_the_scratch_studies_give_every_two_stage_arm_the_controls_epochs(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for name in ("scratch_resnet18", "scratch_mobilenetv2_050"):
+        study = load_study(f"configs/study/{name}.study.yaml")
+        assert study.expand(["a={budget}", "b={budget*2+1}", "c={budget+1}"]) == \
+            [f"a={study.budget}", f"b={2 * study.budget + 1}", f"c={study.budget + 1}"]
+        runs = {r.variant: r.resolved() for r in report_runs(study, {}) if r.seed == 0}
+        total = {v: c["optim.warmup_epochs"] + c["optim.epochs"] for v, c in runs.items()}
+        by_name = {v.name: v for v in study.variants}
+        assert total["baseline_2x"] == 2 * total["baseline"]
+        for v in study.variants:
+            assert runs[v.name]["model.pretrained"] is False or v.start == "baseline"
+            if v.start:  # stage 1 + stage 2 = the equal-budget control, paired with it
+                assert total["baseline"] + total[v.name] == total["baseline_2x"] and v.reference == "baseline_2x"
+            elif v.name != "baseline":
+                assert total[v.name] == total["baseline"] or v.name == "baseline_2x"
+                assert by_name[v.name].reference == "baseline"
+        assert {runs[v]["reparam.branch_scale"] for v in ("acb", "repvgg", "dbb", "orepa")} == {1.0}
+        assert runs["refconv_paper"]["refocus.init"] == "xavier"
+        assert runs["refconv_norm"]["refocus.step_norm"] == "layer"
+
+
+def test_cost_figure_script_draws_one_panel_per_deployed_report_and_refuses_other_json(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    figure = load_script("cost_figure")
+
+    def report(name: str) -> dict:
+        one = {"stages": [{"variant": "plain", "method": "baseline", "epochs": 10}], "mean": 85.0, "std": 0.2,
+               "cost_epochs_benchmark": 10.0, "epochs_measured": 10.4}
+        two = {**one, "stages": one["stages"] * 2, "mean": 86.0, "std": None, "cost_epochs_benchmark": 21.0}
+        return {"name": name, "unit": "plain", "split": "val", "seeds": [0, 1, 2], "cost_axis": "benchmark",
+                "variants": {"plain": one, "refconv": two, "unfinished": {**one, "mean": None}}}
+
+    paths = []
+    for name in ("scratch_resnet18", "scratch_mobilenetv2_050"):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report(name)))
+    assert figure.main([*map(str, paths), "-o", str(tmp_path / "cost.png")]) == 0
+    assert Image.open(tmp_path / "cost.png").size[0] > Image.open(tmp_path / "cost.png").size[1] * 2  # 2 panels
+    (tmp_path / "other.json").write_text(json.dumps({"variants": {}}))
+    assert figure.main([str(tmp_path / "other.json"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "not the report of an 'evaluate: deployed' study" in capsys.readouterr().err

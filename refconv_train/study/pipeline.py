@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from ..errors import RefconvError
+from .deploy import eval_command, eval_executable
+from .deployed_phase import finish
 from .metrics import RunMetrics, read_curve, read_run
 from .plan import Run, aliases, baseline_run, check_configs, report_runs, select_runs
 from .report import write_results
@@ -18,16 +19,11 @@ from .runner import child_env, raise_on_failures, run_all, run_one
 from .spec import Study, load_study
 
 
-def _eval_executable() -> list[str]:
-    exe = Path(sys.executable).parent / "refconv-eval"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "refconv_train.cli.eval"]
-
-
 def baseline_eval_command(study: Study, base: Run) -> tuple[list[str], Path]:
     """refconv-eval of the baseline's last.pth on the report split (what every stage-2 run starts from)."""
     cfg = base.resolved()
     out = study.output / "report" / f"baseline_{study.report_split}.json"
-    return [*_eval_executable(), "--data", str(cfg["data.root"]), "--checkpoint", str(base.folder / "last.pth"),
+    return [*eval_executable(), "--data", str(cfg["data.root"]), "--checkpoint", str(base.folder / "last.pth"),
             "--split", study.report_split, "--workers", str(cfg["data.workers"]), "--json", str(out)], out
 
 
@@ -122,6 +118,11 @@ def run_study(path: str | Path, phase: str = "all", seeds: list[int] | None = No
         return study.output / "select"
 
     report = report_runs(study, chosen)
+    if study.evaluate == "deployed":  # every run from its deployed file; no aliases (a start must have a folder)
+        folder = finish(study, report, _settings(study, study.select_split, study.seeds)
+                        + _selection_lines(detail, study.select_split))
+        print(f"study done in {time.time() - start:.0f} s: {folder / 'results.md'}")
+        return folder
     same = aliases(study, report)
     to_run = [r for r in report if r.variant not in same]
     eval_json = None
@@ -170,6 +171,8 @@ def _dry_run(study: Study, base: Run | None, selection: list[Run], phase: str) -
         runs += report_runs(study, chosen)
     for r in runs:
         print(shlex.join(r.command()))
+        if r.phase == "report" and study.evaluate == "deployed":
+            print(shlex.join(eval_command(r, study.report_split)))
     if base is not None and phase == "all":
         print(shlex.join(baseline_eval_command(study, base)[0]))
     return study.output

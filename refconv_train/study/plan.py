@@ -11,7 +11,8 @@ from typing import Any
 
 from ..config import config_to_dict, load_config
 from ..errors import RefconvError
-from .spec import QUICK_OVERRIDES, Study, Variant
+from .links import in_order, start_override
+from .spec import QUICK_DEPLOYED, QUICK_OVERRIDES, Study, Variant
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,9 @@ def baseline_run(study: Study) -> Run | None:
 
 
 def _stage2(study: Study, phase: str, v: Variant, seed: int, split: str, lr: str | None = None) -> Run:
-    start = (f"model.pretrained={study.output / 'baseline' / 'last.pth'}",) if study.baseline else ()
-    quick = QUICK_OVERRIDES if study.quick else ()
+    start = start_override(study, v, seed) or \
+        ((f"model.pretrained={study.output / 'baseline' / 'last.pth'}",) if study.baseline else ())
+    quick = (*QUICK_OVERRIDES, *(QUICK_DEPLOYED if study.evaluate == "deployed" else ())) if study.quick else ()
     family_lr = (f"optim.lr={lr}",) if lr is not None else ()
     overrides = (*study.expand(study.overrides), *start, *study.expand(v.overrides), *family_lr, *quick,
                  f"data.val_split={split}", f"train.seed={seed}")
@@ -77,13 +79,16 @@ def select_runs(study: Study) -> list[Run]:
 
 
 def report_runs(study: Study, chosen: dict[str, float | str]) -> list[Run]:
-    """Every variant x seed; a variant with a family trains at ``chosen[family]`` (a placeholder when unknown)."""
+    """Every variant x seed; a variant with a family trains at ``chosen[family]`` (a placeholder when unknown). With
+    ``evaluate: deployed`` the runs validate on the selection split (the report split is refconv-eval's, deploy.py)
+    and every start comes before the runs that need it."""
+    split = study.select_split if study.evaluate == "deployed" else study.report_split
     runs = []
     for seed in study.seeds:
         for v in study.variants:
             lr = None if v.family is None else str(chosen.get(v.family, f"<lr chosen for {v.family}>"))
-            runs.append(_stage2(study, "report", v, seed, study.report_split, lr))
-    return runs
+            runs.append(_stage2(study, "report", v, seed, split, lr))
+    return in_order(runs, study)
 
 
 def aliases(study: Study, runs: list[Run]) -> dict[str, str]:

@@ -13,13 +13,18 @@ from typing import Any
 import yaml
 
 from ..errors import RefconvError
+from .cost import cost_keys
+from .links import check_links
 
-BUDGET = "{budget}"  # placeholder in overrides: the stage-2 epoch budget
+BUDGET = "{budget}"  # placeholder in overrides: the stage-2 epoch budget; {budget*N+M}: N times it plus M
+BUDGET_EXPR = re.compile(r"\{budget(?:\*([1-9][0-9]*))?(?:\+([0-9]+))?\}")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # variant and family names are folder names
 TOP_KEYS = ("name", "config", "overrides", "baseline", "output", "seeds", "splits", "budget", "select", "variants",
-            "controls", "goal")
+            "controls", "goal", "evaluate", "cost")
 # --quick: every run one epoch of a few small steps; its numbers only show that the pipeline works.
 QUICK_OVERRIDES = ("data.batch_size=16", "data.img_size=32", "train.max_steps_per_epoch=4", "train.stop_after_epoch=1")
+# ... and with ``evaluate: deployed`` one whole epoch (no warmup): a run writes its deployed fused.pth when it ends.
+QUICK_DEPLOYED = ("optim.warmup_epochs=0", "optim.epochs=1")
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,8 @@ class Variant:
     what: str
     overrides: tuple[str, ...]
     family: str | None = None
+    start: str | None = None  # model.pretrained = that variant's last.pth of the same seed (chain.py)
+    reference: str | None = None  # the variant its paired difference is taken against (cost_report.py)
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,9 @@ class Study:
     variants: tuple[Variant, ...] = ()
     controls: tuple[str, ...] = ()
     goal: float | None = None  # top-1 points over the stronger control, with the 95% interval above zero
+    evaluate: str = "training"  # training: the last epoch's top-1; deployed: refconv-eval of the deployed file
+    cost_ratios: str | None = None  # scripts/benchmark.py --methods --json output (cost.py)
+    cost_unit: str | None = None  # the variant whose epoch is the unit of training cost
     select_seed: int = 0
     quick: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
@@ -98,7 +108,8 @@ class Study:
 
     def expand(self, overrides: tuple[str, ...] | list[str]) -> list[str]:
         """``overrides`` with ``{budget}`` replaced."""
-        return [o.replace(BUDGET, str(self.budget)) for o in overrides]
+        return [BUDGET_EXPR.sub(lambda m: str(int(m.group(1) or 1) * self.budget + int(m.group(2) or 0)), o)
+                for o in overrides]
 
 
 def _err(path: Path, where: str, text: str) -> RefconvError:
@@ -123,9 +134,10 @@ def _strings(path: Path, where: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _err(path, where, f"expected a list of 'section.key=value' strings, got {value!r}")
     for v in value:
-        unknown = set(re.findall(r"\{[^}]*\}", v)) - {BUDGET}
+        unknown = {p for p in re.findall(r"\{[^}]*\}", v) if not BUDGET_EXPR.fullmatch(p)}
         if unknown:
-            raise _err(path, where, f"unknown placeholder {sorted(unknown)[0]} in {v!r} (the only one is {BUDGET})")
+            raise _err(path, where, f"unknown placeholder {sorted(unknown)[0]} in {v!r} (the only one is "
+                       f"{BUDGET}, also as {{budget*N}}, {{budget+M}}, {{budget*N+M}})")
     return tuple(value)
 
 
@@ -207,7 +219,7 @@ def load_study(path: str | os.PathLike) -> Study:
         raise _err(path, "variants", "expected a non-empty list of {name, what, overrides, family}")
     variants: list[Variant] = []
     for i, v in enumerate(raw):
-        v = _keys(path, f"variants[{i}]", v, ("name", "what", "overrides", "family"), ("name",))
+        v = _keys(path, f"variants[{i}]", v, ("name", "what", "overrides", "family", "start", "reference"), ("name",))
         name = _name(path, f"variants[{i}].name", v["name"])
         where = f"variant '{name}'"
         if any(x.name == name for x in variants):
@@ -220,7 +232,9 @@ def load_study(path: str | os.PathLike) -> Study:
                 raise _err(path, where, f"family '{family}' is not a selection family (families: {known})")
             if _lr_override(overrides):
                 raise _err(path, where, f"sets optim.lr and names family '{family}': the family's choice sets the lr")
-        variants.append(Variant(name, str(v.get("what") or name), overrides, family))
+        variants.append(Variant(name, str(v.get("what") or name), overrides, family, v.get("start"),
+                                v.get("reference")))
+    check_links(path, variants)
 
     controls = d.get("controls") or []
     if not isinstance(controls, list) or not all(isinstance(c, str) for c in controls):
@@ -243,11 +257,11 @@ def load_study(path: str | os.PathLike) -> Study:
                   seeds=tuple(dict.fromkeys(seeds)), select_split=splits.get("select", "holdout"),
                   report_split=splits.get("report", "val"), budget=budget, families=tuple(families),
                   variants=tuple(variants), controls=tuple(controls),
-                  goal=None if goal is None else float(goal))
+                  goal=None if goal is None else float(goal), **cost_keys(path, d, variants))
     if budget is None:
         every = [("overrides", study.overrides)] + [(f"variant '{v.name}'", v.overrides) for v in variants] + \
                 [(f"select.{f.name}", f.overrides) for f in families]
         for where, overrides in every:
-            if any(BUDGET in o for o in overrides):
+            if any(BUDGET_EXPR.search(o) for o in overrides):
                 raise _err(path, where, f"uses {BUDGET} but the study file sets no 'budget'")
     return study
