@@ -330,9 +330,9 @@ def write_scratch_study(root: Path, name: str = "scratch.study.yaml", **changes)
         "cost": {"unit": "plain", "ratios": "bench.json"},
         "variants": [
             {"name": "plain", "what": "from scratch"},
-            {"name": "acb", "overrides": ["reparam.method=acb", "reparam.branch_scale=1"], "reference": "plain"},
+            {"name": "acb", "overrides": ["method=acb", "acb.branch_scale=1"], "reference": "plain"},
             {"name": "refconv", "start": "plain", "reference": "plain",
-             "overrides": ["refocus.enabled=true", "refocus.init=zeros", "refocus.step_norm=layer"]}]}
+             "overrides": ["method=refconv", "refconv.init=zeros", "refconv.step_norm=layer"]}]}
     study.update(changes)
     path = root / name
     path.write_text(yaml.safe_dump(study, sort_keys=False))
@@ -433,9 +433,10 @@ def test_budget_expressions_expand_and_the_scratch_studies_give_every_two_stage_
             elif v.name != "baseline":
                 assert total[v.name] == total["baseline"] or v.name == "baseline_2x"
                 assert by_name[v.name].reference == "baseline"
-        assert {runs[v]["reparam.branch_scale"] for v in ("acb", "repvgg", "dbb", "orepa")} == {1.0}
-        assert runs["refconv_paper"]["refocus.init"] == "xavier"
-        assert runs["refconv_norm"]["refocus.step_norm"] == "layer"
+        for v in ("acb", "repvgg", "dbb", "orepa"):
+            assert runs[v]["method"] == v and runs[v][f"{v}.branch_scale"] == 1.0
+        assert runs["refconv_paper"]["refconv.init"] == "xavier"
+        assert runs["refconv_norm"]["refconv.step_norm"] == "layer"
 
 
 def test_cost_figure_script_draws_one_panel_per_deployed_report_and_refuses_other_json(tmp_path, capsys):

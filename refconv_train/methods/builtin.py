@@ -28,7 +28,7 @@ def _apply_none(model: nn.Module, options: Any, example: torch.Tensor | None = N
 
 
 register(Method("none", apply=_apply_none, fuse=lambda model: [], convs=lambda model: {}, title="baseline",
-                kind="baseline", paper="plain training with the same recipe"))
+                kind="baseline", paper="plain training with the same recipe", bench="baseline", deploys_fused=False))
 
 
 # ----------------------------------------------------------------------------------------------- RefConv
@@ -86,7 +86,7 @@ register(Method("refconv", apply=_apply_refconv, fuse=rc.fuse_refocus, convs=rc.
                 options=RefconvOptions, param_groups=lambda m, o: rc.refocus_param_groups(m, o.step_norm,
                                                                                            o.weight_decay),
                 per_step=_refconv_per_step, check=_refconv_check, title="RefConv", kind="refocus",
-                fuse_state_dict=rc.fuse_state_dict,
+                bench="refocus_per_step", fuse_state_dict=rc.fuse_state_dict,
                 paper="RefConv: re-parameterized refocusing convolution (Cai et al., 2023)"))
 
 

@@ -77,6 +77,8 @@ class Method:
     title: str = ""
     kind: str = ""
     paper: str = ""
+    bench: str = ""  # what scripts/benchmark.py calls this method's training step (default: the name)
+    deploys_fused: bool = True  # False: a run's deployable file is its last.pth (nothing to fuse: plain training)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "title", self.title or self.name.upper())

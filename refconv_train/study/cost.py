@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .. import methods
 from ..errors import RefconvError
 
 EVALUATE = ("training", "deployed")
@@ -47,12 +48,10 @@ def cost_keys(path: Path, d: dict, variants: list) -> dict[str, Any]:
 
 
 def method_of(resolved: dict[str, Any]) -> str:
-    """The benchmark's name for what a run trains: ``baseline``, ``refocus_per_step`` (RefConv, W_t once per step,
-    as refconv-train runs it) or the ``reparam.method``. (Pre-registry keys: converted with the registry.)"""
-    if resolved.get("refocus.enabled"):
-        return "refocus_per_step"
-    method = resolved.get("reparam.method", "none")
-    return "baseline" if method in (None, "none") else str(method)
+    """The benchmark's name for what a run trains (``Method.bench``: ``baseline``, ``refocus_per_step`` for RefConv
+    with W_t once per step as refconv-train runs it, else the method's name)."""
+    method = methods.get(str(resolved.get("method", "refconv")))
+    return method.bench or method.name
 
 
 def load_ratios(path: str) -> dict[str, dict[str, float | None]]:

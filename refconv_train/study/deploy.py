@@ -1,6 +1,6 @@
 """Reporting a run as a user deploys it: refconv-eval of its deployed file on the report split, once per run
 (``<run>/deployed_<split>.json``; a study that resumes keeps it). The deployed file is the trainer's fused.pth for a
-run with a method (RefConv or a reparam.method), the plain model's last.pth otherwise."""
+run with a method, the plain model's last.pth otherwise (``Method.deploys_fused``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .cost import method_of
+from .. import methods
 from .plan import Run
 from .runner import child_env
 
@@ -21,7 +21,8 @@ def eval_executable() -> list[str]:
 
 
 def deployed_file(run: Run) -> Path:
-    return run.folder / ("last.pth" if method_of(run.resolved()) == "baseline" else "fused.pth")
+    method = methods.get(str(run.resolved().get("method", "refconv")))
+    return run.folder / ("fused.pth" if method.deploys_fused else "last.pth")
 
 
 def eval_json(run: Run, split: str) -> Path:
