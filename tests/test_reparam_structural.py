@@ -155,20 +155,27 @@ def test_a_training_step_changes_the_branches_and_the_model_still_fuses_exactly(
     assert (eval_out(model, X) - before).abs().max().item() < 1e-4
 
 
-def test_fuse_scales_the_kernel_by_sigma_over_gamma_and_puts_the_bias_into_the_bn_the_conv_feeds():
-    """The branches are summed after the conv's BN: the kernel moves before it as k * sigma / gamma, the bias into its
-    beta (a BN without affine parameters: its running mean, mu - b * sigma); a conv with a bias and no BN takes both."""
+def test_fuse_folds_the_bn_scale_into_the_kernel_and_leaves_the_bn_an_affine_shift():
+    """The branches are summed after the conv's BN: the fuse folds the BN's scale s = gamma / sigma into the conv and
+    adds the branch kernel (W' = W s + k), and the BN keeps only its shift (mean 0, var 1 - eps, gamma 1,
+    beta' = beta - mu s + b; a BN without affine parameters: mu' = mu / sigma - b); a conv with a bias and no BN
+    takes both."""
     model = bn_after(nn.Conv2d(6, 8, 3, padding=1, bias=False))
     report = apply_structural(model, "repvgg", example=X)
     assert report.layers[0].detail.endswith("summed after 1, bias -> 1.bias")
     perturb_branches(model)
-    weight, beta, mean = model[0].weight.clone(), model[1].bias.clone(), model[1].running_mean.clone()
+    bn = model[1]
+    weight, beta, mean, gamma = model[0].weight.clone(), bn.bias.clone(), bn.running_mean.clone(), bn.weight.clone()
     kernel, bias = model[0].rep_branches.kernel_bias()
-    sigma = (model[1].running_var + model[1].eps).sqrt()
+    scale = gamma / (bn.running_var + bn.eps).sqrt()
+    before = eval_out(model, X)
     fuse_structural(model)
-    assert model[0].bias is None and torch.equal(model[1].running_mean, mean)
-    torch.testing.assert_close(model[0].weight, weight + kernel * (sigma / model[1].weight.detach()).view(-1, 1, 1, 1))
-    torch.testing.assert_close(model[1].bias.detach(), beta + bias)
+    assert model[0].bias is None
+    torch.testing.assert_close(model[0].weight, weight * scale.view(-1, 1, 1, 1) + kernel)
+    torch.testing.assert_close(bn.bias.detach(), beta - mean * scale + bias)
+    assert torch.equal(bn.running_mean, torch.zeros(8)) and torch.equal(bn.weight.detach(), torch.ones(8))
+    torch.testing.assert_close(bn.running_var, torch.full((8,), 1 - bn.eps))
+    assert (eval_out(model, X) - before).abs().max().item() < 1e-4
 
     plain = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, affine=False)).double()
     apply_structural(plain, "acb", example=X.double())
@@ -177,7 +184,7 @@ def test_fuse_scales_the_kernel_by_sigma_over_gamma_and_puts_the_bias_into_the_b
     _, bias = plain[0].rep_branches.kernel_bias()
     before = eval_out(plain, X.double())
     fuse_structural(plain)
-    torch.testing.assert_close(plain[1].running_mean, mean - bias * sigma)
+    torch.testing.assert_close(plain[1].running_mean, mean / sigma - bias)
     assert (eval_out(plain, X.double()) - before).abs().max().item() < 1e-12
 
     biased = apply_structural(bn_after(nn.Conv2d(6, 8, 3, padding=1, bias=True)), "repvgg", example=X)
@@ -187,21 +194,20 @@ def test_fuse_scales_the_kernel_by_sigma_over_gamma_and_puts_the_bias_into_the_b
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_a_zero_gamma_fuses_while_its_branches_are_zero_and_is_a_one_line_error_once_they_are_not(method):
-    """timm's zero_init_last starts a from-scratch ResNet block's last BN at gamma 0: the conv before it cannot carry
-    anything summed after it, so k * sigma / gamma must be an error, not inf/nan in the weights."""
-    model = two_convs()
-    with torch.no_grad():
-        model[1].weight[3] = 0.0
-    apply_structural(model, method, example=X)  # branch_scale 0: the branch kernel is zero, nothing to carry
-    fuse_structural(copy.deepcopy(model))
+def test_a_zero_or_tiny_gamma_fuses_exactly(method):
+    """timm's zero_init_last starts a from-scratch ResNet block's last BN at gamma 0, and a trained gamma can stay
+    tiny: the branches summed after that BN still fold exactly (the old fold divided by gamma and refused 0, or lost
+    fp32 precision near it: a from-scratch ACB mobilenetv2_050 failed its fuse check by 1.6e-4)."""
+    model = two_convs().double()
+    apply_structural(model, method, example=X.double())
     perturb_branches(model)
     with torch.no_grad():
         model[1].weight[3] = 0.0
-    state = copy.deepcopy(model.state_dict())
-    with pytest.raises(RefconvError, match=r"cannot fuse 0: its BatchNorm 1 has gamma 0 in channel 3, too small"):
-        fuse_structural(model)
-    assert structural_convs(model) and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        model[1].weight[5] = 1e-7
+    before = eval_out(model, X.double())
+    fuse_structural(model)
+    assert not structural_convs(model)
+    assert (eval_out(model, X.double()) - before).abs().max().item() < 1e-10 * max(1.0, before.abs().max().item())
 
 
 class Residual(nn.Module):

@@ -176,16 +176,24 @@ def test_pad_with_fills_the_border_with_the_value_and_keeps_the_inside_bit_for_b
     assert torch.equal(T.pad_with(x, pad, value), expected)
 
 
-def test_kernel_before_bn_moves_a_conv_added_after_an_eval_batchnorm_to_before_it():
+@pytest.mark.parametrize("affine", [True, False])
+def test_fold_sum_after_bn_is_the_same_conv_then_batchnorm_with_no_division_by_gamma(affine):
+    """BN(conv(x, W) + c) + conv(x, k) + b equals BN'(conv(x, W') + c') with the folded values, also where gamma is
+    0 or tiny (the old form moved k before the BN as k * std / gamma and lost it there)."""
     x = torch.randn(2, 4, 7, 7, generator=gen(), dtype=torch.float64)
     w, k = (torch.randn(4, 4, 3, 3, generator=gen(s), dtype=torch.float64) for s in (2, 3))
+    c, b = (torch.randn(4, generator=gen(s), dtype=torch.float64) for s in (4, 5))
     bn = {key: v.double() for key, v in random_bn(4).items()}
-    after = batch_norm(F.conv2d(x, w, padding=1), bn) + F.conv2d(x, k, padding=1)
-    moved = T.kernel_before_bn(k, bn["var"], bn["gamma"], 1e-5)
-    torch.testing.assert_close(batch_norm(F.conv2d(x, w + moved, padding=1), bn), after, atol=1e-12, rtol=0)
-    gamma = bn["gamma"].clone()
-    gamma[1] = 0.0
-    k[2] = 0.0
-    gamma[2] = 0.0
-    moved = T.kernel_before_bn(k, bn["var"], gamma, 1e-5)
-    assert torch.isinf(moved[1]).any() and torch.equal(moved[2], torch.zeros_like(moved[2]))  # caller checks channel 1
+    if affine:
+        bn["gamma"][1], bn["gamma"][2] = 0.0, 1e-9
+    else:
+        bn["gamma"] = bn["beta"] = None
+    after = batch_norm(F.conv2d(x, w, c, padding=1), bn) + F.conv2d(x, k, b, padding=1)
+    f = T.fold_sum_after_bn(w, c, k, b, bn["mean"], bn["var"], bn["gamma"], bn["beta"], 1e-5)
+    folded = {"mean": f["mean"], "var": f["var"], "gamma": f["gamma"], "beta": f["beta"]}
+    torch.testing.assert_close(batch_norm(F.conv2d(x, f["weight"], f["conv_bias"], padding=1), folded), after,
+                               atol=1e-12, rtol=0)
+    assert torch.equal(f["var"] + 1e-5, torch.ones(4, dtype=torch.float64))
+    if affine:
+        assert torch.equal(f["mean"], torch.zeros(4, dtype=torch.float64)) and torch.equal(f["gamma"], torch.ones(4,
+                                                                                              dtype=torch.float64))

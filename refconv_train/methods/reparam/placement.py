@@ -17,9 +17,10 @@ a plain attribute, no state-dict key, shared by deep copies (EMA) and pickles as
 forward. The conv hook looks the BN up there on every call and re-installs the BN hook on whatever module holds that
 place, because ``SyncBatchNorm.convert_sync_batchnorm`` replaces BNs without their hooks.
 
-Fuse (eval mode, exact): ``BN(conv x) + k x + b`` is ``BN'(conv' x)`` with ``conv' = conv + k * sigma / gamma``
-(``transforms.kernel_before_bn``) and the bias in the BN's ``beta' = beta + b`` (no division, so a channel with
-gamma 0 and a zero branch kernel still fuses); a BN without affine parameters takes it as ``mu' = mu - b * sigma``.
+Fuse (eval mode, exact): ``BN(conv x) + k x + b`` is ``BN'(conv' x)`` with the BN's scale ``s = gamma / sigma``
+folded into the conv, ``conv' = conv * s + k``, and the BN left an affine shift (mean 0, var ``1 - eps``, gamma 1,
+``beta' = beta - mu s + b``; ``kernel_algebra.fold_sum_after_bn``). Nothing divides by gamma, so a small or zero gamma
+costs no precision, as the authors' deploy conv (kernel and bias, its BN folded in) does not either.
 """
 
 from __future__ import annotations
@@ -139,29 +140,32 @@ def folding(conv: nn.Conv2d, name: str):
         kernel, bias = rep.kernel_bias()
         bn = site_bn(rep)
         if bn is not None:
-            dt = kernel.dtype
-            gamma = None if bn.weight is None else bn.weight.to(dt)
-            std = (bn.running_var.to(dt) + bn.eps).sqrt()
-            kernel = T.kernel_before_bn(kernel, bn.running_var.to(dt), gamma, bn.eps)
-            bad = ~torch.isfinite(kernel.to(conv.weight.dtype)).flatten(1).all(1)
-            if bad.any():
-                channel = int(bad.nonzero()[0])
-                value = "none" if gamma is None else f"{float(gamma[channel]):.3g}"
-                raise RefconvError(f"cannot fuse {name}: its BatchNorm {rep.site[2]} has gamma {value} in channel "
-                                   f"{channel}, too small to carry the "
-                                   f"{rep.method} branches summed after it (kernel * sigma / gamma overflows); train "
-                                   f"further (gamma moves off a zero init) or exclude {name}")
+            if not 0 <= bn.eps < 1:  # the folded BN keeps var + eps = 1 with var = 1 - eps
+                raise RefconvError(f"cannot fuse {name}: its BatchNorm {rep.site[2]} has eps {bn.eps:g}, outside "
+                                   f"[0, 1); exclude {name}")
+
+            def as_kernel_dtype(t: torch.Tensor | None) -> torch.Tensor | None:
+                return None if t is None else t.detach().to(kernel.dtype)
+
+            folded = T.fold_sum_after_bn(*map(as_kernel_dtype, (conv.weight, conv.bias)), kernel, bias,
+                                         *map(as_kernel_dtype, (bn.running_mean, bn.running_var, bn.weight, bn.bias)),
+                                         bn.eps)
+            bad = next((k for k, v in folded.items() if v is not None and not torch.isfinite(v).all()), None)
+            if bad is not None:
+                raise RefconvError(f"cannot fuse {name}: folding its BatchNorm {rep.site[2]} and the {rep.method} "
+                                   f"branches gives a non-finite {bad} (did the run diverge?)")
 
     @torch.no_grad()
     def fold() -> None:
-        conv.weight.add_(kernel.to(conv.weight.dtype))
         if bn is None:
+            conv.weight.add_(kernel.to(conv.weight.dtype))
             conv.bias.add_(bias.to(conv.bias.dtype))
         else:
-            if bn.bias is not None:
-                bn.bias.add_(bias.to(bn.bias.dtype))
-            else:
-                bn.running_mean.copy_(T.absorb_bias_into_bn(bn.running_mean.to(dt), bias * std))
+            targets = {"weight": conv.weight, "conv_bias": conv.bias, "mean": bn.running_mean,
+                       "var": bn.running_var, "gamma": bn.weight, "beta": bn.bias}
+            for key, target in targets.items():
+                if target is not None:
+                    target.copy_(folded[key].to(target.dtype))
             for module, _, fn in _hooks(bn):
                 _remove_hook(module, fn)
         _remove_hook(conv, run_branches)
