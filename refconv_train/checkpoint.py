@@ -157,7 +157,7 @@ def training_checkpoint(model: nn.Module, optimizer, scheduler, scaler, progress
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": progress.epoch,
             "step_in_epoch": progress.step_in_epoch, "global_step": progress.global_step,
             "best_top1": progress.best_top1, "history": progress.history, "world_size": len(rng), "rng": rng,
-            "method": config["method"], "config": config}
+            "method": config["method"], "method_layout": methods.get(config["method"]).layout, "config": config}
 
 
 def resume_path(resume: bool | str, output: Path) -> Path | None:
@@ -228,7 +228,20 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RefconvError(f"'{path}' is not a refconv-train training checkpoint (it holds {describe(ckpt)})")
+    check_method_layout(ckpt, path)
     return ckpt
+
+
+def check_method_layout(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
+    """A training checkpoint's method layout (``Method.layout``; 1 when not recorded) must be the one this code
+    trains: the same state dict under another layout loads strictly and computes another function."""
+    method = methods.get(checkpoint_method(ckpt))
+    stored = ckpt.get("method_layout", 1)
+    if stored != method.layout:
+        raise RefconvError(f"'{path}' is a {method.title or method.name} training checkpoint of layout {stored}; this "
+                           f"refconv-train trains and fuses {method.name} as layout {method.layout}, which computes "
+                           f"another function from the same weights (docs/design.md section 6): deploy the "
+                           f"fused.pth its run wrote, or start a new run from it (model.pretrained=<fused.pth>)")
 
 
 def describe(obj: Any) -> str:

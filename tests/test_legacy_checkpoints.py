@@ -99,3 +99,33 @@ def test_old_keys_in_a_user_config_are_one_line_errors_naming_the_new_key(tmp_pa
                           r"config key 'refocus' is gone: .*top-level key 'method'")
     assert_one_line_error(*call(train_cli.main, ["reparam.branch_scale=1"])[::2],
                           r"'reparam.branch_scale' is gone: .*method=dbb dbb.branch_scale=1")
+
+
+def test_a_structural_checkpoint_of_the_old_layout_is_refused_everywhere_and_the_new_one_resumes(data, tmp_path):
+    """ACB/RepVGG/DBB training checkpoints written before their branches were summed after the conv's BN (layout 1,
+    no ``method_layout`` key) load strictly into today's blocks and would compute another function: fuse, eval and
+    resume refuse them with one line; today's (layout 2) resume."""
+    out = tmp_path / "run"
+    args = [*MODEL, f"data.root={data}", "data.img_size=32", "data.batch_size=8", "data.workers=0", "optim.epochs=1",
+            "optim.warmup_epochs=0", "train.max_steps_per_epoch=2", "train.device=cpu", "model.pretrained=false",
+            "method=dbb"]
+    with one_thread():
+        rc, _, err = call(train_cli.main, ["--config", "configs/demo.yaml", *args, f"train.output={out}"])
+    assert rc == 0, err[-3000:]
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    assert ckpt["method"] == "dbb" and ckpt["method_layout"] == 2
+    old = tmp_path / "old"
+    old.mkdir()
+    del ckpt["method_layout"]
+    torch.save(ckpt, old / "last.pth")
+    pattern = r"DBB training checkpoint of layout 1; .* layout 2, .* deploy the fused.pth"
+    assert_one_line_error(*call(fuse_cli.main, [old / "last.pth", "-o", tmp_path / "f.pth"])[::2], pattern)
+    assert_one_line_error(*call(eval_cli.main, ["--data", data, "--checkpoint", old / "last.pth",
+                                                "--workers", "0"])[::2], pattern)
+    with one_thread():
+        assert_one_line_error(*call(train_cli.main, ["--config", "configs/demo.yaml", *args, "optim.epochs=2",
+                                                     f"train.output={old}"])[::2], pattern)
+        rc, _, err = call(train_cli.main, ["--config", "configs/demo.yaml", *args, "optim.epochs=2",
+                                           f"train.output={out}"])
+    assert rc == 0, err[-3000:]
+    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 2

@@ -105,7 +105,9 @@ def _structural(name: str) -> Method:
     def convs(model):
         return {n: m for n, m in structural_convs(model).items() if m.rep_branches.method == name}
 
-    return Method(name, apply=apply, fuse=fuse_structural, convs=convs, options=BranchOptions, paper=PAPERS[name])
+    # layout 2: the branches summed after the conv's own BatchNorm, as the authors' blocks (layout 1 summed before it)
+    return Method(name, apply=apply, fuse=fuse_structural, convs=convs, options=BranchOptions, paper=PAPERS[name],
+                  layout=2)
 
 
 # ----------------------------------------------------------------------------------------------- WN, CWN, OWN

@@ -78,6 +78,9 @@ class Method:
     kind: str = ""
     paper: str = ""
     bench: str = ""  # what scripts/benchmark.py calls this method's training step (default: the name)
+    # What the method's training-time modules compute, versioned: training checkpoints record it, and one of another
+    # layout is refused (its state dict would load strictly and compute another function). docs/design.md section 6.
+    layout: int = 1
     deploys_fused: bool = True  # False: a run's deployable file is its last.pth (nothing to fuse: plain training)
 
     def __post_init__(self) -> None:

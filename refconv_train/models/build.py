@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from .. import methods
-from ..checkpoint import checkpoint_method, is_training_checkpoint, read_weights_file, state_dict_of
+from ..checkpoint import (
+    check_method_layout,
+    checkpoint_method,
+    is_training_checkpoint,
+    read_weights_file,
+    state_dict_of,
+)
 from ..config import Config, config_from_dict
 from ..errors import RefconvError
 from ..methods.protocol import ReparamReport, example_input
@@ -81,6 +87,7 @@ def rebuild_training_model(ckpt: dict, path: str | os.PathLike) -> tuple[nn.Modu
     loaded, and that config. Checkpoints written before the ``method`` key are translated (methods/legacy.py)."""
     cfg = config_from_dict(ckpt.get("config") or {})
     recorded = checkpoint_method(ckpt)
+    check_method_layout(ckpt, path)
     if recorded != cfg.method:
         raise RefconvError(f"'{path}' records method {recorded} but its config says {cfg.method}: the file was "
                            f"edited; use an unedited checkpoint")
