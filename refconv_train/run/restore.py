@@ -65,16 +65,26 @@ def restore_any(path: str | os.PathLike | None, model_name: str | None = None,
         what = describe(obj) if obj is not None else "a safetensors state dict"
         raise RefconvError(f"'{path}' carries no architecture (it holds {what}); pass --model NAME")
     state = read_state_dict(path)
-    classes = num_classes or _classifier_outputs(state)
+    classes = num_classes or _classifier_outputs(state, model_name)
     model = build_model(model_name, num_classes=classes, pretrained=False)
     load_state_dict_checked(model, state, source=str(path), allow_new_classifier=False)
     return Restored(model, "state_dict", model_name, classes, None)
 
 
-def _classifier_outputs(state: dict) -> int:
-    """Number of classes from the last 2-D/4-D weight in the state dict (the classifier of timm/torchvision models)."""
-    weights = [v for k, v in state.items() if k.endswith("weight") and v.ndim in (2, 4)]
-    return int(weights[-1].shape[0]) if weights else 1000
+def _classifier_outputs(state: dict, model_name: str) -> int:
+    """Number of classes: the output size of the model's classifier weight in the state dict. The classifier is
+    found on the architecture (timm's ``get_classifier()``, else its last Linear / Conv2d in module order), not as the
+    file's last weight: a ``.safetensors`` file stores its keys sorted (torchvision mnasnet0_5: 24 instead of 10)."""
+    probe = build_model(model_name, num_classes=1000, pretrained=False)
+    names = {id(m): n for n, m in probe.named_modules()}
+    head = getattr(probe, "get_classifier", lambda: None)()
+    candidates = [names[id(head)]] if id(head) in names else []
+    candidates += [n for n, m in reversed(list(probe.named_modules())) if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for name in candidates:
+        weight = state.get(f"{name}.weight" if name else "weight")
+        if weight is not None and weight.ndim in (2, 4):
+            return int(weight.shape[0])
+    return 1000
 
 
 def _load_strict(model: nn.Module, state: dict, path) -> None:
