@@ -9,6 +9,7 @@ and shapes come back) and ``convs(model) -> dict`` (the convs it currently holds
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
@@ -47,11 +48,12 @@ class ReparamReport:
     def added_params(self) -> int:
         return sum(layer.added_params for layer in self.layers)
 
+    def counts(self) -> dict[str, int]:
+        """Changed convs per kind (dense, depthwise, group)."""
+        return dict(Counter(layer.kind for layer in self.layers))
+
     def summary(self) -> str:
-        kinds: dict[str, int] = {}
-        for layer in self.layers:
-            kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
-        text = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()))
+        text = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
         start = "" if self.start_max_abs_diff is None else f", start moved by {self.start_max_abs_diff:.3g}"
         return (f"{self.method}: changed {len(self.layers)} convs ({text}), added params={self.added_params:,}"
                 f"{start}; skipped {len(self.skipped)}")

@@ -60,12 +60,6 @@ class RefocusReport(ReparamReport):
     def refocus_params(self) -> int:
         return sum(layer.refocus_params for layer in self.layers)
 
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for layer in self.layers:
-            out[layer.kind] = out.get(layer.kind, 0) + 1
-        return out
-
     def summary(self) -> str:
         kinds = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
         return (f"refocused {len(self.layers)} convs ({kinds}), map_k={self.map_k}, "
