@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 from pathlib import Path
 
@@ -380,6 +381,23 @@ def test_deployed_study_starts_each_seed_from_its_own_run_reports_fused_top1_and
     assert out.count("finished earlier, skipped") == 5 and "seed1/refconv (resuming)" in out
     assert out.count("--json") == 1 and (root / "seed1" / "refconv" / "deployed_val.json").is_file()
     assert (root / "seed0" / "acb" / "deployed_val.json").stat().st_mtime_ns == stamp
+
+    # Every deployed file, read by plain timm (strict) and evaluated by timm's own loader, gives the reported top-1.
+    check = load_script("check_deployed")
+    rc, out, err = call(check.main, [root, "--json", tiny / "check.json"])
+    assert rc == 0, out + err
+    rows = json.loads((tiny / "check.json").read_text())
+    assert len(rows) == 6 and all(r["diff"] == 0 and r["images"] == 12 for r in rows)
+    ev = root / "seed1" / "acb" / "deployed_val.json"
+    ev.write_text(json.dumps({**json.loads(ev.read_text()), "top1": 0.5}))  # a report that is not the file's
+    fused = root / "seed0" / "refconv" / "fused.pth"
+    ckpt = torch.load(fused, weights_only=True)
+    ckpt["state_dict"]["extra.weight"] = torch.zeros(1)  # not the original architecture any more
+    torch.save(ckpt, fused)
+    rc, out, _ = call(check.main, [root])
+    assert rc == 1 and "4 of 6 deployed files" in out
+    assert re.search(r"BAD does not load into timm: .*extra\.weight.*seed0/refconv/fused\.pth", out)
+    assert re.search(r"BAD +\d+\.\d+ vs   0\.50 .*seed1/acb/fused\.pth", out)
 
 
 def test_deployed_dry_run_prints_each_start_and_each_deployed_eval(tiny):
