@@ -1,4 +1,4 @@
-"""Two steps every re-parameterization (RefConv and the comparison methods) shares when it edits a model."""
+"""What every re-parameterization (RefConv and the comparison methods) shares when it edits a model."""
 
 from __future__ import annotations
 
@@ -36,3 +36,11 @@ def bake_weight(conv: nn.Module) -> None:
     with torch.no_grad():
         parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
     conv.weight.requires_grad_(requires_grad)
+
+
+def same_values(old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> bool:
+    """Whether an eval-mode cache's inputs still hold these values (shapes, dtypes, devices included): the caches'
+    layout keys (pointers, strides) do not see a tensor changed in place, by ``load_state_dict`` or an optimizer."""
+    return len(old) == len(new) and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+        for a, b in zip(old, new, strict=True))

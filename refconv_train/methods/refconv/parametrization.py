@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ...errors import RefconvError
+from ..modules import same_values
 from .kernel_math import kernel_patches, refocus_delta, refocus_delta_gemm, refocus_shape
 
 INITS = ("xavier", "zeros", "kaiming")
@@ -57,7 +58,7 @@ class Refocus(nn.Module):
         w_r = self.refocus_weight
         if not torch.is_grad_enabled():
             key = _cache_key(base, w_r)
-            if self._eval_weight is None or self._eval_weight[0] != key or not _same_values(self._eval_weight[1],
+            if self._eval_weight is None or self._eval_weight[0] != key or not same_values(self._eval_weight[1],
                                                                                              (base, w_r)):
                 self._eval_weight = (key, _snapshot(base, w_r), self._compute(base, w_r))
             return self._eval_weight[2]
@@ -77,7 +78,7 @@ class Refocus(nn.Module):
 
     def _frozen_patches(self, base: torch.Tensor) -> torch.Tensor:
         key = _cache_key(base)
-        if self._patches is None or self._patches[0] != key or not _same_values(self._patches[1], (base,)):
+        if self._patches is None or self._patches[0] != key or not same_values(self._patches[1], (base,)):
             with torch.no_grad():  # stored transposed (same values): the layout _PatchGemm reads without copies
                 patches = kernel_patches(base, self.map_k, self.conv_groups).transpose(1, 2).contiguous()
                 self._patches = (key, _snapshot(base), patches.transpose(1, 2))
@@ -103,12 +104,6 @@ def _cache_key(*tensors: torch.Tensor) -> tuple:
 def _snapshot(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     with torch.no_grad():
         return tuple(t.detach().clone() for t in tensors)
-
-
-def _same_values(old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> bool:
-    return len(old) == len(new) and all(
-        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-        for a, b in zip(old, new))
 
 
 def init_refocus_weight(weight: torch.Tensor, init: str) -> None:

@@ -32,7 +32,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from ...errors import RefconvError
 from .. import protocol
-from ..modules import bake_weight
+from ..modules import bake_weight, same_values
 from .weight_math import centred_norm, centred_weight_norm, orthogonal_weight_norm, own_group_sizes
 
 METHODS = ("wn", "cwn", "own")
@@ -61,7 +61,7 @@ class _CachedInEval(nn.Module):
         # cached one keeps its inputs' memory format, and channels_last and contiguous convs round differently)
         mode = (torch.is_inference_mode_enabled(), tuple((t.data_ptr(), t.stride()) for t in tensors))
         cache = getattr(self, "_eval_weight", None)
-        if cache is None or cache[0] != mode or not _same_values(cache[1], tensors):
+        if cache is None or cache[0] != mode or not same_values(cache[1], tensors):
             snapshot = tuple(t.detach().clone() for t in tensors)
             self._eval_weight = cache = (mode, snapshot, self._compute(*tensors))
         return cache[2]
@@ -74,12 +74,6 @@ class _CachedInEval(nn.Module):
         memo[id(self)] = self_copy
         self_copy.__dict__ = {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "_eval_weight"}
         return self_copy
-
-
-def _same_values(old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> bool:
-    return len(old) == len(new) and all(
-        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-        for a, b in zip(old, new))
 
 
 class CentredWeightNorm(_CachedInEval):
