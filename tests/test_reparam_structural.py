@@ -426,3 +426,19 @@ def test_a_bn_subclass_with_its_own_forward_is_skipped_with_the_reason():
     assert [layer.name for layer in report.layers] == ["2"]
     assert dict(report.skipped)["0"] == ("its BatchNorm (ScaledBN) has its own forward: where to sum the branches "
                                          "after it is unknown")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_branches_at_scale_on_a_zero_started_block_warn_with_the_fix(method, recwarn):
+    """timm's resnet starts each block's last BN at gamma 0 (zero_init_last); branches at scale 1 on that conv break
+    the zero start. The warning names the fix; the authors' setting (no zero start) and the exact start stay quiet."""
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"host BatchNorms start at gamma 0 \(e\.g\. layer1\.0\.bn2: timm's "
+                                         r"zero_init_last\).*model\.kwargs\.zero_init_last=false"):
+        apply_structural(build_model("resnet18", num_classes=4, pretrained=False), method, branch_scale=1.0,
+                         example=x)
+    recwarn.clear()
+    apply_structural(build_model("resnet18", num_classes=4, pretrained=False, zero_init_last=False), method,
+                     branch_scale=1.0, example=x)
+    apply_structural(build_model("resnet18", num_classes=4, pretrained=False), method, branch_scale=0.0, example=x)
+    assert not [w for w in recwarn if "gamma 0" in str(w.message)]
