@@ -116,8 +116,13 @@ def test_quick_study_selects_on_holdout_reports_paired_differences_and_restarts(
     assert table.count("\n| refconv |") == 1 and table.count("\n| finetune |") == 1
     assert (root / "report" / "curves.png").is_file() and (root / "select" / "curves.png").is_file()
 
-    (root / "report" / "seed1" / "refconv" / "DONE").unlink()  # as if interrupted: run again, resumed
-    rc, out, err = call(study_cli.main, [study, "--quick"])
+    (root / "report" / "seed1" / "refconv" / "DONE").unlink()  # as if interrupted
+    rc, out, err = call(study_cli.main, [study, "--quick", "--results-only"])  # what is finished, nothing trained
+    assert rc == 0 and "== report" not in out and not (root / "report" / "seed1" / "refconv" / "DONE").exists()
+    partial = json.loads((root / "report" / "results.json").read_text())["variants"]
+    assert (partial["refconv"]["n"], partial["finetune"]["n"]) == (1, 2)
+    assert "PARTIAL (--results-only): 3 of 4 runs finished" in (root / "report" / "results.md").read_text()
+    rc, out, err = call(study_cli.main, [study, "--quick"])  # run again: resumed
     assert rc == 0, err[-3000:]
     assert out.count("finished earlier, skipped") == 5 and "seed1/refconv (resuming)" in out
     assert "resumed from" in (root / "report" / "seed1" / "refconv" / "train.log").read_text()
@@ -381,6 +386,18 @@ def test_deployed_study_starts_each_seed_from_its_own_run_reports_fused_top1_and
     assert out.count("finished earlier, skipped") == 5 and "seed1/refconv (resuming)" in out
     assert out.count("--json") == 1 and (root / "seed1" / "refconv" / "deployed_val.json").is_file()
     assert (root / "seed0" / "acb" / "deployed_val.json").stat().st_mtime_ns == stamp
+
+    # --results-only: the report of what is finished, nothing trained (as while the study runs elsewhere)
+    (root / "seed1" / "refconv" / "DONE").unlink()
+    (root / "seed0" / "acb" / "deployed_val.json").unlink()  # finished but not evaluated yet: evaluated now
+    rc, out, err = call(study_cli.main, [study, "--quick", "--results-only"])
+    assert rc == 0, err[-3000:]
+    assert "== report" not in out and not (root / "seed1" / "refconv" / "DONE").exists()
+    assert "PARTIAL (--results-only): 5 of 6 runs finished" in (root / "results.md").read_text()
+    partial = json.loads((root / "results.json").read_text())["variants"]
+    assert partial["refconv"]["n"] == 1 and partial["acb"]["n"] == 2 and partial["refconv"]["paired"]["n"] == 1
+    assert (root / "seed0" / "acb" / "deployed_val.json").is_file()
+    (root / "seed1" / "refconv" / "DONE").write_text("")
 
     # Every deployed file, read by plain timm (strict) and evaluated by timm's own loader, gives the reported top-1.
     check = load_script("check_deployed")

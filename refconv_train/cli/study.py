@@ -21,6 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="check the pipeline: 1 epoch of a few small steps per run, into <output>_quick")
     p.add_argument("--out", help="output folder (default: the study file's 'output')")
     p.add_argument("--dry-run", action="store_true", help="print every run's command, run nothing")
+    p.add_argument("--results-only", action="store_true",
+                   help="write the results of the runs finished so far, train nothing (safe while the study runs)")
     args = p.parse_intermixed_args(argv)
     if args.seeds:  # "--seeds 0 1 data.root=x": the override after the seeds is an override
         words = args.seeds
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     def _run() -> None:
         from ..study import run_study  # imported here: --help stays fast
 
-        run_study(args.study, args.phase, args.seeds, args.quick, args.out, args.dry_run, args.overrides)
+        run_study(args.study, args.phase, args.seeds, args.quick, args.out, args.dry_run, args.overrides,
+                  args.results_only)
 
     return run_cli(_run)
 

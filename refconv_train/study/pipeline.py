@@ -90,9 +90,11 @@ def _baseline_lines(study: Study, base: Run, eval_json: Path | None) -> tuple[li
 
 
 def run_study(path: str | Path, phase: str = "all", seeds: list[int] | None = None, quick: bool = False,
-              out: str | None = None, dry_run: bool = False, overrides: list[str] | None = None) -> Path:
+              out: str | None = None, dry_run: bool = False, overrides: list[str] | None = None,
+              results_only: bool = False) -> Path:
     """Run (or, ``dry_run``, print) a study; returns the folder of its last results.md. ``overrides`` apply to
-    every run, after the study file's."""
+    every run, after the study file's. ``results_only``: write the results of the runs finished so far and train
+    nothing (safe while the study runs in another process; the selection must be finished)."""
     study = load_study(path).with_options(seeds=seeds, quick=quick, out=out, overrides=overrides)
     check_configs(study)
     base = baseline_run(study)
@@ -100,6 +102,8 @@ def run_study(path: str | Path, phase: str = "all", seeds: list[int] | None = No
     if dry_run:
         return _dry_run(study, base, selection, phase)
     start = time.time()
+    if results_only:
+        return _results_only(study, base, selection)
     if base is not None:
         outcome = run_one(base, "baseline ")
         raise_on_failures([outcome], "baseline")
@@ -117,25 +121,38 @@ def run_study(path: str | Path, phase: str = "all", seeds: list[int] | None = No
         print(f"selection done in {time.time() - start:.0f} s: {study.output / 'select' / 'results.md'}")
         return study.output / "select"
 
+    folder = _report_phase(study, base, chosen, detail, train=True)
+    print(f"study done in {time.time() - start:.0f} s: {folder / 'results.md'}")
+    return folder
+
+
+def _results_only(study: Study, base: Run | None, selection: list[Run]) -> Path:
+    chosen, detail = choose(study) if selection else ({}, {})  # an unfinished selection is a one-line error
+    folder = _report_phase(study, base, chosen, detail, train=False)
+    print(f"results of the runs finished so far: {folder / 'results.md'}")
+    return folder
+
+
+def _report_phase(study: Study, base: Run | None, chosen: dict[str, float], detail: dict[str, dict],
+                  train: bool) -> Path:
+    """Every variant x seed (``train``), or only those finished so far, then the results; returns their folder."""
     report = report_runs(study, chosen)
     if study.evaluate == "deployed":  # every run from its deployed file; no aliases (a start must have a folder)
-        folder = finish(study, report, _settings(study, study.select_split, study.seeds)
-                        + _selection_lines(detail, study.select_split))
-        print(f"study done in {time.time() - start:.0f} s: {folder / 'results.md'}")
-        return folder
+        return finish(study, report, _settings(study, study.select_split, study.seeds)
+                      + _selection_lines(detail, study.select_split), train)
     same = aliases(study, report)
     to_run = [r for r in report if r.variant not in same]
     eval_json = None
     if base is not None:
         cmd, eval_json = baseline_eval_command(study, base)
-        if not eval_json.is_file():
+        if train and not eval_json.is_file():
             eval_json.parent.mkdir(parents=True, exist_ok=True)
             print(f"== {shlex.join(cmd)}", flush=True)
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
             if proc.returncode:
                 tail = proc.stdout.strip().splitlines()[-1:] or [""]
                 raise RefconvError(f"evaluating the baseline failed ({tail[0]}): {shlex.join(cmd)}")
-    outcomes = run_all(to_run, "report")
+    outcomes = run_all(to_run, "report") if train else []
     collected = _collect(to_run, {})
     for v, first in same.items():
         collected[v] = [RunMetrics(**{**m.as_dict(), "variant": v}) for m in collected.get(first, [])]
@@ -144,6 +161,9 @@ def run_study(path: str | Path, phase: str = "all", seeds: list[int] | None = No
     notes.update({v.name: f"lr {chosen[v.family]} chosen for {v.family}" for v in study.variants
                   if v.family and v.name not in notes})
     settings = _settings(study, study.report_split, study.seeds) + _selection_lines(detail, study.select_split)
+    if not train:
+        done = sum((r.folder / "DONE").is_file() for r in to_run)
+        settings.append(f"PARTIAL (--results-only): {done} of {len(to_run)} runs finished when this was written")
     if study.goal is not None:
         settings.append(f"goal: a variant gains at least {study.goal:.2f} points over the stronger control, its "
                         f"95% interval above zero")
@@ -156,7 +176,6 @@ def run_study(path: str | Path, phase: str = "all", seeds: list[int] | None = No
                          study.report_split, notes, goal=study.goal)
     print(text, end="")
     raise_on_failures(outcomes, "report")
-    print(f"study done in {time.time() - start:.0f} s: {study.output / 'report' / 'results.md'}")
     return study.output / "report"
 
 
