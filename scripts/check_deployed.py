@@ -34,12 +34,19 @@ def evaluate(model: torch.nn.Module, loader) -> tuple[float, int]:
     return 100.0 * correct / seen, seen
 
 
+class Unreadable(Exception):
+    """A run folder this check cannot use: one line, exit 2."""
+
+
 def check(run: Path, split: str, loaders: dict) -> dict:
-    recorded = json.loads((run / f"deployed_{split}.json").read_text())
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    model_cfg, data = cfg["model"], cfg["data"]
+    try:
+        recorded = json.loads((run / f"deployed_{split}.json").read_text())
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        model_cfg, data = cfg["model"], cfg["data"]
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise Unreadable(f"{run}: its deployed_{split}.json or config.yaml cannot be read ({e})") from None
     if model_cfg["name"].startswith("torchvision:"):
-        raise SystemExit(f"{run}: a torchvision model; this check is for timm models")
+        raise Unreadable(f"{run}: a torchvision model; this check is for timm models")
     row = {"run": str(run), "checkpoint": recorded["checkpoint"], "reported_top1": recorded["top1"]}
     try:
         model = timm.create_model(model_cfg["name"], num_classes=model_cfg["num_classes"], pretrained=False,
@@ -69,10 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no deployed_{args.split}.json under {' '.join(args.roots)}: run the study first",
               file=sys.stderr)
         return 2
-    torch.set_grad_enabled(False)
     rows, loaders, bad = [], {}, 0
     for run in runs:
-        row = check(run, args.split, loaders)
+        try:
+            row = check(run, args.split, loaders)
+        except Unreadable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         rows.append(row)
         ok = "error" not in row and abs(row["diff"]) <= args.tol
         bad += not ok

@@ -415,6 +415,17 @@ def test_deployed_study_starts_each_seed_from_its_own_run_reports_fused_top1_and
     assert rc == 1 and "4 of 6 deployed files" in out
     assert re.search(r"BAD does not load into timm: .*extra\.weight.*seed0/refconv/fused\.pth", out)
     assert re.search(r"BAD +\d+\.\d+ vs   0\.50 .*seed1/acb/fused\.pth", out)
+    (root / "seed1" / "plain" / "config.yaml").unlink()  # a run folder the check cannot read: one line, exit 2
+    line = assert_one_line_error(*call(check.main, [root])[::2], "seed1/plain: its deployed_val.json or config.yaml")
+    assert line.startswith("error: ")
+
+
+@pytest.mark.parametrize("flags", [["--dry-run"], ["--phase", "select"]])
+def test_results_only_refuses_flags_that_contradict_it(tiny, flags):
+    study = write_scratch_study(tiny, "flags.study.yaml", output=str(tiny / "never_flags"))
+    with pytest.raises(SystemExit) as e:
+        study_cli.main([str(study), "--results-only", *flags])
+    assert e.value.code == 2 and not (tiny / "never_flags").exists()
 
 
 def test_deployed_dry_run_prints_each_start_and_each_deployed_eval(tiny):

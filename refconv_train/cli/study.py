@@ -24,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results-only", action="store_true",
                    help="write the results of the runs finished so far, train nothing (safe while the study runs)")
     args = p.parse_intermixed_args(argv)
+    if args.results_only and (args.dry_run or args.phase != "all"):
+        p.error("--results-only writes the results of the finished runs: it takes neither --dry-run nor --phase")
     if args.seeds:  # "--seeds 0 1 data.root=x": the override after the seeds is an override
         words = args.seeds
         args.seeds = [int(w) for w in words if w.isdigit()]

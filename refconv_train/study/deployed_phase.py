@@ -11,7 +11,7 @@ from .cost_report import write_cost_report
 from .deploy import evaluate_deployed
 from .links import start_of
 from .plan import Run
-from .runner import Outcome, folder_state, raise_on_failures, run_one
+from .runner import Outcome, folder_state, partial_note, raise_on_failures, run_one
 from .spec import Study
 
 
@@ -36,8 +36,7 @@ def run_deployed(study: Study, runs: list[Run], settings: list[str], train: bool
             o = Outcome(r, "failed", why)
         outcomes[r.folder] = o
     if not train:
-        done = sum(state == "done" for state in states.values())
-        settings = [*settings, f"PARTIAL (--results-only): {done} of {len(runs)} runs finished when this was written"]
+        settings = [*settings, partial_note(runs)]
     settings = [*settings, f"evaluate: deployed: the runs validate on '{study.select_split}' every epoch; each "
                 f"run's top-1 is refconv-eval of its deployed file (fused.pth with a method, else last.pth) on "
                 f"'{study.report_split}'"]

@@ -15,7 +15,7 @@ from .deployed_phase import finish
 from .metrics import RunMetrics, read_curve, read_run
 from .plan import Run, aliases, baseline_run, check_configs, report_runs, select_runs
 from .report import write_results
-from .runner import child_env, raise_on_failures, run_all, run_one
+from .runner import child_env, partial_note, raise_on_failures, run_all, run_one
 from .spec import Study, load_study
 
 
@@ -101,9 +101,9 @@ def run_study(path: str | Path, phase: str = "all", seeds: list[int] | None = No
     selection = select_runs(study)
     if dry_run:
         return _dry_run(study, base, selection, phase)
-    start = time.time()
     if results_only:
         return _results_only(study, base, selection)
+    start = time.time()
     if base is not None:
         outcome = run_one(base, "baseline ")
         raise_on_failures([outcome], "baseline")
@@ -162,8 +162,7 @@ def _report_phase(study: Study, base: Run | None, chosen: dict[str, float], deta
                   if v.family and v.name not in notes})
     settings = _settings(study, study.report_split, study.seeds) + _selection_lines(detail, study.select_split)
     if not train:
-        done = sum((r.folder / "DONE").is_file() for r in to_run)
-        settings.append(f"PARTIAL (--results-only): {done} of {len(to_run)} runs finished when this was written")
+        settings.append(partial_note(to_run))
     if study.goal is not None:
         settings.append(f"goal: a variant gains at least {study.goal:.2f} points over the stronger control, its "
                         f"95% interval above zero")

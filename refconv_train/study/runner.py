@@ -113,6 +113,12 @@ def run_all(runs: list[Run], label: str) -> list[Outcome]:
     return [run_one(r, f"{label} {i}/{len(runs)} ") for i, r in enumerate(runs, 1)]
 
 
+def partial_note(runs: list[Run]) -> str:
+    """The settings line of a ``--results-only`` report: how many of its runs had finished."""
+    done = sum((r.folder / DONE).is_file() for r in runs)
+    return f"PARTIAL (--results-only): {done} of {len(runs)} runs finished when this was written"
+
+
 def raise_on_failures(outcomes: list[Outcome], label: str) -> None:
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
